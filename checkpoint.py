@@ -1,0 +1,139 @@
+"""Our checkpoint files: one place that reads and writes them, shared by every entry point.
+
+It exists because DESIGN.md forbids importing generate.py, yet generate, quantize, train and benchmark
+all load the same files. A checkpoint is one `torch.save`d dict, self-describing so a renamed file is
+still understood:
+
+    {"eaglet": 1, "kind": "target" | "eagle_draft",
+     "config": <HF config.json dict for a target; draft config for a draft>,
+     "quantization": None | {"mode": "int8"} | {"mode": "int4", "groupsize": 32} | {"mode": "int4-gptq", ...},
+     "state_dict": {name: tensor}}
+
+Writes go to a temporary file in the same directory and are renamed into place, so a crash never leaves
+a half-written checkpoint under the real name.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model import ModelArgs, Transformer
+
+FORMAT_VERSION = 1
+
+
+class UserError(Exception):
+    """A mistake the user can fix. CLIs print `error: <message>` on one line and exit with code 2."""
+
+
+def run_cli(main):
+    """Call main(); turn UserError (and Ctrl-C) into one line on stderr + exit code 2."""
+    import sys
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def atomic_save(obj, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path, kind: str = "target") -> dict:
+    """Load and validate one of our checkpoint files (memory-mapped: weights are paged in lazily)."""
+    path = Path(path)
+    if not path.exists():
+        hint = " (run `python generate.py` once to prepare the default model, or convert_hf_checkpoint.py)" \
+            if kind == "target" else ""
+        raise UserError(f"checkpoint not found: {path}{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        f" (the file is corrupt or truncated; convert it again)")
+    if not isinstance(ckpt, dict) or "eaglet" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{path} is not an eaglet checkpoint (convert HF weights with convert_hf_checkpoint.py)")
+    if ckpt.get("kind", "target") != kind:
+        raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+def model_args(config: dict) -> ModelArgs:
+    try:
+        return ModelArgs.from_hf_config(config)
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+def load_model(path, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    """Build the Transformer described by the checkpoint and load its (possibly quantized) weights."""
+    ckpt = read_checkpoint(path, "target")
+    args = model_args(ckpt["config"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    quant = ckpt.get("quantization")
+    if quant:
+        import quantize  # only quantized files need it
+        quantize.swap_linears(model, quant)
+    sd = dict(ckpt["state_dict"])
+    if args.tie_embeddings:
+        sd.pop("output.weight", None)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise UserError(f"weights in {path} do not match its config: {first.strip()[:300]}")
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model = model.to(device=device)
+    # Float weights take the requested dtype; quantized weights keep their integer storage.
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+    if quant:
+        quantize.prepare_for_device(model, device)
+    model.checkpoint_meta = {"path": str(path), "quantization": quant, "config": ckpt["config"]}
+    return model.eval()
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads (each parameter/buffer once; tied weights counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "cache" not in n
+                                          and "rope" not in n and "mask" not in n]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
