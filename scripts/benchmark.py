@@ -1,0 +1,714 @@
+#!/usr/bin/env python
+"""Speed and acceptance benchmark: plain decoding vs every drafter vs peers, measured side by side.
+
+    python scripts/benchmark.py --prompts mt_bench --limit 20 --methods ar,eagle,lookup --temperature 0 --compile
+
+Why it is shaped this way: on a shared, noisy machine absolute tokens/s drift by tens of percent over minutes,
+but two runs a second apart see the same machine. So every configuration is measured in ONE process, prompt by
+prompt: for each prompt the plain (`ar`) baseline runs first and then every other method on the very same
+prompt, and speedups are ratios of those neighbours. Warm-up runs (which also trigger torch.compile) are
+discarded.
+
+Outputs in --out DIR: results.json (every per-prompt record, the summary, the machine and the command),
+results.md (the table) and results.png (speedup and τ per method). scripts/readme_perf.py turns
+results.json into the README's Performance section.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from checkpoint import UserError, atomic_write_text, model_bytes, run_cli  # noqa: E402
+
+DEFAULT_CHECKPOINT = "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth"
+METHODS = ("ar", "eagle", "eagle-chain", "eagle-static", "draft", "lookup")
+TREE_OF = {"eagle": "dynamic", "eagle-chain": "chain", "eagle-static": "static"}
+PEERS = ("hf", "llamacpp")
+# precision -> (activation dtype, file next to model.pth holding the weights, quantize.py --mode)
+PRECISIONS = {
+    "fp32": (torch.float32, None, None),
+    "bf16": (torch.bfloat16, None, None),
+    "fp16": (torch.float16, None, None),
+    "int8": (torch.bfloat16, "model_int8.pth", "int8"),
+    "int4": (torch.bfloat16, "model_int4.g32.pth", "int4"),
+}
+HF_LOOKUP_TOKENS = 10
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+def load_prompts(spec: str, limit: int | None, turns: int, raw: bool) -> list[dict]:
+    """Prompt set → [{"id", "turns": [str, ...], "raw": bool}]. Raw prompts are completed as plain text
+    (HumanEval is code completion: a chat template would only change what is being measured)."""
+    if spec == "mt_bench":
+        import assets
+        rows = [json.loads(line) for line in Path(assets.fetch("mt_bench")).read_text().splitlines() if line.strip()]
+        items = [{"id": f"mt_bench/{r['question_id']}", "turns": list(r["turns"]), "raw": raw} for r in rows]
+    elif spec == "humaneval":
+        import assets
+        with gzip.open(assets.fetch("humaneval"), "rt") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        items = [{"id": r["task_id"], "turns": [r["prompt"]], "raw": True} for r in rows]
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise UserError(f"--prompts: {spec} is neither mt_bench, humaneval nor an existing JSONL file")
+        items = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})")
+            if isinstance(r, dict) and isinstance(r.get("prompt"), str):
+                t = [r["prompt"]]
+            elif isinstance(r, dict) and isinstance(r.get("turns"), list) and r["turns"] \
+                    and all(isinstance(x, str) for x in r["turns"]):
+                t = list(r["turns"])
+            else:
+                raise UserError(f'{path}:{n}: each line must be {{"prompt": "..."}} or {{"turns": ["...", ...]}}')
+            items.append({"id": str(r.get("id", f"{path.stem}/{n}")), "turns": t, "raw": raw or bool(r.get("raw"))})
+        if not items:
+            raise UserError(f"--prompts: {path} holds no prompts")
+    for it in items:
+        it["turns"] = it["turns"][:1] if it["raw"] else it["turns"][:turns]
+    return items[:limit] if limit else items
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where two outputs differ (a length difference counts); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def acceptance_by_depth(hist: list[int]) -> list[float]:
+    """hist[k] = rounds that accepted exactly k drafted tokens (bonus token not counted) → for d = 1..K the
+    fraction of rounds that accepted at least d drafted tokens (the usual "acceptance rate at depth d")."""
+    total = sum(hist)
+    if not total:
+        return []
+    return [sum(hist[d:]) / total for d in range(1, len(hist))]
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(records: list[dict], model_bytes_of: dict, roofline: dict) -> list[dict]:
+    """One row per (precision, temperature, method) with aggregate and median speeds, ratios to `ar` over the
+    same prompts, τ, acceptance by depth, TTFT, peak memory, bandwidth and greedy agreement with `ar`."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["precision"], r["temperature"], r["method"]), []).append(r)
+    rows = []
+    for (prec, temp, method), recs in groups.items():
+        ar = {(r["prompt_id"], r["turn"]): r for r in groups.get((prec, temp, "ar"), [])}
+        dec_tokens = sum(r["decode_tok_s"] * r["decode_s"] for r in recs)
+        dec_time = sum(r["decode_s"] for r in recs)
+        agg = dec_tokens / dec_time if dec_time > 0 else None
+        paired = [(r, ar[(r["prompt_id"], r["turn"])]) for r in recs if (r["prompt_id"], r["turn"]) in ar]
+        ar_tokens = sum(a["decode_tok_s"] * a["decode_s"] for _, a in paired)
+        ar_time = sum(a["decode_s"] for _, a in paired)
+        ar_agg = ar_tokens / ar_time if ar_time > 0 else None
+        row = {
+            "precision": prec, "temperature": temp, "method": method, "n": len(recs),
+            "new_tokens": sum(r["new_tokens"] for r in recs),
+            "tok_s": agg, "tok_s_median": _median([r["decode_tok_s"] for r in recs]),
+            "speedup": agg / ar_agg if agg and ar_agg else None,
+            "speedup_median": _median([r["decode_tok_s"] / a["decode_tok_s"] for r, a in paired
+                                       if a["decode_tok_s"]]),
+            "ttft_ms_median": _median([r["ttft_s"] * 1e3 if r["ttft_s"] is not None else None for r in recs]),
+            "peak_mem_mb": max((r["peak_mem_bytes"] or 0) for r in recs) / 2**20 or None,
+        }
+        rounds = sum(r["rounds"] or 0 for r in recs)
+        if method == "ar":
+            row["tau"] = 1.0
+        elif rounds:
+            row["tau"] = sum((r["mean_accepted"] or 0) * (r["rounds"] or 0) for r in recs) / rounds
+        else:
+            row["tau"] = None
+        hists = [r["accept_hist"] for r in recs if r.get("accept_hist")]
+        if hists:
+            width = max(len(h) for h in hists)
+            total = [sum(h[i] if i < len(h) else 0 for h in hists) for i in range(width)]
+            row["accept_hist"] = total
+            row["accept_by_depth"] = acceptance_by_depth(total)
+        if method == "ar" and agg and prec in model_bytes_of:
+            row["bandwidth_gb_s"] = model_bytes_of[prec] * agg / 1e9
+            if roofline.get("tok_s", {}).get(prec):
+                row["roofline_fraction"] = agg / roofline["tok_s"][prec]
+        if temp == 0 and method != "ar" and paired:
+            same = [r["same_as_ar"] for r, _ in paired]
+            row["identical"] = sum(bool(s) for s in same)
+            row["compared"] = len(same)
+            divs = [r["first_divergence"] for r, _ in paired if r["first_divergence"] is not None]
+            row["first_divergence_min"] = min(divs) if divs else None
+        rows.append(row)
+    order = {m: i for i, m in enumerate(METHODS + tuple(f"hf{s}" for s in ("", "-lookup", "-static")) + ("llamacpp",))}
+    rows.sort(key=lambda r: (r["precision"], r["temperature"], order.get(r["method"], 99), r["method"]))
+    return rows
+
+
+def _fmt(x, spec=".1f", none="–"):
+    return none if x is None else format(x, spec)
+
+
+TABLE_COLUMNS = ["precision", "T", "method", "prompts", "tok/s", "tok/s (median)", "speedup", "speedup (median)",
+                 "τ", "accept@1,2,3…", "TTFT ms", "peak MB", "GB/s", "same text as ar"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for r in rows:
+        acc = "/".join(f"{a:.2f}" for a in r.get("accept_by_depth", [])[:6]) or "–"
+        same = f"{r['identical']}/{r['compared']}" if "identical" in r else "–"
+        bw = _fmt(r.get("bandwidth_gb_s"), ".2f")
+        if r.get("roofline_fraction"):
+            bw += f" ({r['roofline_fraction']:.0%} of roofline)"
+        cells = [r["precision"], _fmt(r["temperature"], "g"), r["method"], str(r["n"]), _fmt(r["tok_s"]),
+                 _fmt(r["tok_s_median"]), _fmt(r["speedup"], ".2f") + ("×" if r["speedup"] else ""),
+                 _fmt(r["speedup_median"], ".2f") + ("×" if r["speedup_median"] else ""), _fmt(r["tau"], ".2f"),
+                 acc, _fmt(r["ttft_ms_median"], ".0f"), _fmt(r["peak_mem_mb"], ".0f"), bw, same]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(results: dict) -> str:
+    m, roof = results["machine"], results["roofline"]
+    out = [f"# eaglet benchmark — {results['config']['prompts']} ({results['config']['n_prompts']} prompts, "
+           f"{results['config']['max_new_tokens']} new tokens)", "",
+           f"`{results['command']}`", "",
+           f"Machine: {machine_line(m)}. Measured read bandwidth {roof['bandwidth_gb_s']:.1f} GB/s "
+           f"→ roofline " + ", ".join(f"{p} {t:.0f} tok/s" for p, t in roof["tok_s"].items()) + ".", "",
+           markdown_table(results["summary"]),
+           "tok/s = decode tokens per second (aggregate: all decode tokens / all decode time; median over prompts). "
+           "speedup = ratio to `ar` on the same prompts in the same run. τ = tokens accepted per target forward "
+           "(bonus token included). accept@d = fraction of rounds accepting ≥ d drafted tokens. "
+           "same text as ar (temperature 0 only) = outputs token-identical to plain decoding."]
+    return "\n".join(out) + "\n"
+
+
+def machine_line(m: dict) -> str:
+    dev = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores, {m['threads']} torch threads)"
+    return f"{dev}, torch {m['torch']}, {m['date']}"
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    configs = sorted({(r["precision"], r["temperature"]) for r in rows})
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(configs))
+    for ax, key, title in ((axes[0], "speedup", "decode speedup vs ar (same run)"),
+                           (axes[1], "tau", "τ: tokens per target forward")):
+        shown = methods if key == "speedup" else [m for m in methods if any(
+            r["method"] == m and r.get("tau") is not None for r in rows)]  # peers report no τ
+        for j, (prec, temp) in enumerate(configs):
+            vals = []
+            for m in shown:
+                r = next((r for r in rows if (r["precision"], r["temperature"], r["method"]) == (prec, temp, m)),
+                         None)
+                vals.append(r[key] if r and r.get(key) is not None else 0.0)
+            ax.bar([i + j * width for i in range(len(shown))], vals, width, label=f"{prec} T={temp:g}")
+        ax.set_xticks([i + width * (len(configs) - 1) / 2 for i in range(len(shown))])
+        ax.set_xticklabels(shown, rotation=30, ha="right")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------- machine facts
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": device,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                            text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def measure_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Achievable memory read bandwidth in GB/s: best of `repeats` sums over a buffer far larger than any
+    cache. A decode step reads every weight once, so bandwidth / weight bytes is the tok/s ceiling."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        _sync(device)
+        t0 = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return nbytes / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory of one configuration. CUDA: the allocator's high-water mark. CPU: the process's peak RSS
+    (VmHWM), which Linux lets a process reset by writing 5 to /proc/self/clear_refs; where that is not
+    possible the value is the process-wide peak so far (ru_maxrss) and only an upper bound."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def read(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------------------- the runners
+
+def quantized_checkpoint(checkpoint: Path, precision: str) -> Path:
+    """The weights file for a precision; int8/int4 files are made by quantize.py on first use."""
+    _, name, mode = PRECISIONS[precision]
+    if name is None:
+        return checkpoint
+    path = checkpoint.parent / name
+    if not path.exists():
+        print(f"{path} is missing; running quantize.py --mode {mode} ...", file=sys.stderr)
+        r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--checkpoint", str(checkpoint),
+                            "--mode", mode])
+        if r.returncode != 0 or not path.exists():
+            raise UserError(f"could not make {path} (python quantize.py --checkpoint {checkpoint} --mode {mode} "
+                            f"exited with {r.returncode})")
+    return path
+
+
+class Ours:
+    """Our engine: `ar` through generate.generate, every other method through speculative_generate."""
+
+    def __init__(self, args, precision: str, device: str):
+        import generate as G
+        self.G, self.args = G, args
+        dtype = PRECISIONS[precision][0]
+        self.model, self.tokenizer = G.load_target(str(quantized_checkpoint(Path(args.checkpoint), precision)),
+                                                   device, dtype)
+        if args.compile:
+            G.compile_decode()
+        if args.compile_prefill:
+            G.compile_prefill()
+        self.drafters = {}
+        for m in args.methods:
+            if m == "ar":
+                continue
+            import speculative as S
+            kw = {k: v for k, v in (("tree_depth", args.tree_depth), ("tree_topk", args.tree_topk),
+                                    ("tree_tokens", args.tree_tokens), ("draft_vocab", args.draft_vocab))
+                  if v is not None}
+            self.drafters[m] = S.build_drafter(
+                "eagle" if m in TREE_OF else m, self.model, draft_path=args.draft,
+                draft_checkpoint=args.draft_checkpoint, tree=TREE_OF.get(m, "chain"),
+                device=device, dtype=dtype, compile=args.compile, **kw)
+        self.bytes = model_bytes(self.model)
+
+    def encode(self, item: dict, turn: int, history: list[str]) -> list[int]:
+        """Token ids for turn `turn` of a prompt; `history` holds the answers to the earlier turns."""
+        if item["raw"]:
+            return list(self.tokenizer.encode(item["turns"][0]))
+        messages = []
+        for i in range(turn + 1):
+            messages.append({"role": "user", "content": item["turns"][i]})
+            if i < turn:
+                messages.append({"role": "assistant", "content": history[i]})
+        return list(self.tokenizer.encode_chat(messages))
+
+    def fix_cache(self, prompts: list[dict], max_new_tokens: int) -> int:
+        """Allocate the KV cache once, long enough for the longest conversation in the set (later turns carry
+        earlier answers) plus the speculative tree's slack. Every method then reuses the same cache, and a
+        compiled step never sees a new cache shape mid-benchmark."""
+        need = 0
+        for item in prompts:
+            n = len(self.encode(item, 0, []))
+            for t in item["turns"][1:]:
+                n += len(self.tokenizer.encode(t)) + 32  # role headers of the answer and the new turn
+            need = max(need, n + max_new_tokens * len(item["turns"]))
+        need += getattr(self.G, "SPECULATIVE_SLACK", 128) + 1
+        cap = self.model.args.max_position_embeddings
+        if need > cap:
+            raise UserError(f"the longest prompt needs {need} cache slots but the model allows {cap}; "
+                            f"lower --max-new-tokens or --turns, or drop the longest prompts")
+        length = min(cap, 256 * -(-need // 256))
+        self.model.setup_caches(1, length)
+        return length
+
+    def decode(self, ids: list[int]) -> str:
+        stop = set(self.tokenizer.stop_ids)
+        return self.tokenizer.decode([t for t in ids if t not in stop])
+
+    def run(self, method: str, ids: list[int], temperature: float, max_new_tokens: int) -> dict:
+        a = self.args
+        prompt = torch.tensor(ids, dtype=torch.long, device=self.model_device)
+        kw = dict(temperature=temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=tuple(self.tokenizer.stop_ids))
+        if method == "ar":
+            tokens, st = self.G.generate(self.model, prompt, max_new_tokens, **kw)
+            new = list(tokens[0])[-st["new_tokens"]:] if st["new_tokens"] else []
+        else:
+            import speculative as S
+            new, st = S.speculative_generate(self.model, self.drafters[method], prompt, max_new_tokens, **kw)
+            new = list(new)
+        return {"tokens": new, "new_tokens": st["new_tokens"], "ttft_s": st.get("time_to_first_token_s"),
+                "decode_s": st["decode_s"], "decode_tok_s": st["decode_tokens_per_s"],
+                "rounds": st.get("rounds", st["new_tokens"] if method == "ar" else None),
+                "mean_accepted": st.get("mean_accepted", 1.0 if method == "ar" else None),
+                "accept_hist": list(st["accept_hist"]) if st.get("accept_hist") is not None else None}
+
+    @property
+    def model_device(self):
+        return self.model.tok_embeddings.weight.device
+
+
+class _Clock:
+    """A transformers streamer that only timestamps: the first put() is the prompt, the second the first new
+    token, so time to first token and decode time are measured the way ours are."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        self.times.append(time.perf_counter())
+
+
+class HFPeer:
+    """transformers' own generate on the same weights (the HF directory next to model.pth)."""
+
+    def __init__(self, args, precision: str, device: str, stop_ids, cache_len: int):
+        import transformers
+        self.transformers = transformers
+        hf_dir = Path(args.checkpoint).parent
+        if not (hf_dir / "config.json").exists() or not (list(hf_dir.glob("*.safetensors"))
+                                                         or list(hf_dir.glob("pytorch_model*.bin"))):
+            raise UserError(f"--peer hf needs the Hugging Face files (config.json + *.safetensors) in {hf_dir}")
+        self.device, self.stop_ids, self.cache_len = device, list(stop_ids), cache_len
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            hf_dir, dtype=PRECISIONS[precision][0]).to(device).eval()
+        self.variants = ["hf", "hf-lookup"] + (["hf-static"] if args.compile else [])
+
+    def run(self, variant: str, ids: list[int], temperature: float, max_new_tokens: int, top_k, top_p) -> dict:
+        # A fresh config, not the model's generation_config.json: that may carry sampling defaults
+        # (top_k=50, repetition penalties) that our engine does not apply.
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0) \
+            if temperature > 0 else dict(do_sample=False)
+        gc = self.transformers.GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids or None,
+                                                pad_token_id=(self.stop_ids or [0])[0], **sampling)
+        if variant == "hf-lookup":
+            gc.prompt_lookup_num_tokens = HF_LOOKUP_TOKENS
+        extra = {}
+        if variant == "hf-static":
+            # transformers' compiled path: a static cache and its own torch.compile of the decode forward
+            # (by default only on GPUs; _compile_all_devices opts CPUs in). One cache length for every prompt
+            # keeps the compiled graph's shapes fixed, like our fix_cache.
+            cc = self.transformers.CompileConfig(fullgraph=True, mode="default" if self.device == "cpu"
+                                                 else "reduce-overhead")
+            cc._compile_all_devices = True
+            gc.compile_config = cc
+            extra["past_key_values"] = self.transformers.StaticCache(config=self.model.config,
+                                                                     max_cache_len=self.cache_len)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        clock = _Clock()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, streamer=clock,
+                                      **extra)
+        _sync(self.device)
+        t_end = time.perf_counter()
+        new = out[0, len(ids):].tolist()
+        ttft = clock.times[1] - t0 if len(clock.times) > 2 else t_end - t0
+        decode_s = t_end - (t0 + ttft)
+        rate = (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else 0.0
+        return {"tokens": new, "new_tokens": len(new), "ttft_s": ttft, "decode_s": decode_s, "decode_tok_s": rate,
+                "rounds": None, "mean_accepted": None, "accept_hist": None}
+
+
+class LlamaCppPeer:
+    """llama.cpp through llama_cpp on a GGUF of the same model (--gguf, default: the GGUF the default model is
+    made from). Different kernels and, for that GGUF, Q4_1 weights: a reference point, not a lossless peer."""
+
+    def __init__(self, args):
+        import llama_cpp
+        gguf = args.gguf
+        if gguf is None:
+            import assets
+            gguf = str(assets.fetch("smollm2_gguf"))
+        self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=4096, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run(self, ids: list[int], temperature: float, max_new_tokens: int, stop_ids) -> dict:
+        stop = set(stop_ids)
+        t0 = time.perf_counter()
+        t_first, new = None, []
+        for tok in self.llm.generate(ids, temp=temperature, top_k=0 if temperature else 1, top_p=1.0, reset=True):
+            if t_first is None:
+                t_first = time.perf_counter()
+            new.append(int(tok))
+            if tok in stop or len(new) >= max_new_tokens:
+                break
+        t_end = time.perf_counter()
+        decode_s = t_end - (t_first or t_end)
+        return {"tokens": new, "new_tokens": len(new), "ttft_s": (t_first or t_end) - t0, "decode_s": decode_s,
+                "decode_tok_s": (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else 0.0,
+                "rounds": None, "mean_accepted": None, "accept_hist": None}
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage + error on two lines; our CLIs say what is wrong on one line."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="target model.pth")
+    p.add_argument("--prompts", default="mt_bench", help="mt_bench | humaneval | FILE.jsonl")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts")
+    p.add_argument("--turns", type=int, default=1, choices=(1, 2),
+                   help="2: also run each prompt's second turn after the model's own first answer")
+    p.add_argument("--raw", action="store_true", help="no chat template (humaneval is always raw)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--methods", default="ar,eagle,lookup", help=",".join(METHODS))
+    p.add_argument("--precisions", default="bf16", help=",".join(PRECISIONS))
+    p.add_argument("--temperature", default="0", help="comma-separated, e.g. 0,1")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode and verify steps")
+    p.add_argument("--compile-prefill", action="store_true", help="also compile prefill (dynamic shapes)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--draft", default=None, help="EAGLE draft checkpoint (default: the one shipped for the model)")
+    p.add_argument("--draft-checkpoint", default=None, help="separate draft LM for --methods draft")
+    p.add_argument("--tree-depth", type=int, default=None)
+    p.add_argument("--tree-topk", type=int, default=None)
+    p.add_argument("--tree-tokens", default=None, help="int or auto")
+    p.add_argument("--draft-vocab", type=int, default=None)
+    p.add_argument("--peer", default="", help="comma-separated: hf, llamacpp")
+    p.add_argument("--gguf", default=None, help="GGUF for --peer llamacpp")
+    p.add_argument("--out", default="results", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="prompts run (and discarded) before measuring")
+    args = p.parse_args(argv)
+
+    def split(s):
+        return [x.strip() for x in s.split(",") if x.strip()]
+
+    args.methods = split(args.methods)
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        raise UserError(f"--methods: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(METHODS)}")
+    if "ar" in args.methods:
+        args.methods.remove("ar")
+    args.methods = ["ar"] + list(dict.fromkeys(args.methods))  # ar is every ratio's denominator
+    args.precisions = split(args.precisions)
+    bad = [x for x in args.precisions if x not in PRECISIONS]
+    if bad or not args.precisions:
+        raise UserError(f"--precisions: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(PRECISIONS)}")
+    try:
+        args.temperatures = [float(t) for t in split(args.temperature)]
+    except ValueError:
+        raise UserError(f"--temperature: {args.temperature!r} is not a comma-separated list of numbers")
+    if not args.temperatures or any(t < 0 for t in args.temperatures):
+        raise UserError("--temperature: give one or more values >= 0, e.g. 0 or 0,1")
+    args.peers = split(args.peer)
+    bad = [x for x in args.peers if x not in PEERS]
+    if bad:
+        raise UserError(f"--peer: unknown {', '.join(bad)}; choose from {', '.join(PEERS)}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if args.warmup < 0:
+        raise UserError("--warmup must be >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError("--top-k must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    if args.tree_tokens is not None and args.tree_tokens != "auto":
+        try:
+            args.tree_tokens = int(args.tree_tokens)
+        except ValueError:
+            raise UserError("--tree-tokens must be an integer or auto")
+    if "draft" in args.methods and not args.draft_checkpoint:
+        raise UserError("--methods draft needs --draft-checkpoint PATH (a small target-format model.pth)")
+    if "hf" in args.peers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError("--peer hf needs Hugging Face transformers: pip install transformers")
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"checkpoint not found: {args.checkpoint} (run `python generate.py` once to prepare the "
+                        f"default model, or convert_hf_checkpoint.py)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from tqdm import tqdm
+    import generate as G
+
+    device = str(G.resolve_device(args.device))
+    prompts = load_prompts(args.prompts, args.limit, args.turns, args.raw)
+    peers = list(args.peers)
+    if "llamacpp" in peers:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("skipping --peer llamacpp: llama_cpp is not installed (pip install llama-cpp-python)",
+                  file=sys.stderr)
+            peers.remove("llamacpp")
+    torch.manual_seed(args.seed)
+    bandwidth = measure_bandwidth(device)
+    print(f"measured read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
+
+    records, model_bytes_of, peak = [], {}, PeakMemory(device)
+    for precision in args.precisions:
+        ours = Ours(args, precision, device)
+        model_bytes_of[precision] = ours.bytes
+        cache_len = ours.fix_cache(prompts, args.max_new_tokens)
+        runners = {m: (lambda ids, t, n, m=m: ours.run(m, ids, t, n)) for m in args.methods}
+        # transformers has no loader for our quantized files: its rows exist for float precisions only.
+        if "hf" in peers and PRECISIONS[precision][1] is None:
+            hf = HFPeer(args, precision, device, ours.tokenizer.stop_ids, cache_len)
+            for v in hf.variants:
+                runners[v] = lambda ids, t, n, v=v: hf.run(v, ids, t, n, args.top_k, args.top_p)
+        if "llamacpp" in peers:
+            lc = LlamaCppPeer(args)
+            runners["llamacpp"] = lambda ids, t, n: lc.run(ids, t, n, ours.tokenizer.stop_ids)
+
+        # Warm-up: compiles, faults weights in, settles caches. Short generations suffice because the decode
+        # and verify steps have static shapes.
+        for item in prompts[:args.warmup]:
+            ids = ours.encode(item, 0, [])
+            for temp in args.temperatures:
+                for fn in runners.values():
+                    fn(ids, temp, min(args.max_new_tokens, 32))
+
+        for pi, item in enumerate(tqdm(prompts, desc=f"{precision} prompts", file=sys.stderr)):
+            for temp in args.temperatures:
+                history = []
+                for turn in range(len(item["turns"])):
+                    ids = ours.encode(item, turn, history)
+                    ar_tokens = None
+                    for name, fn in runners.items():
+                        # Same seed for every method on a prompt: at T>0 the outputs still differ (different
+                        # numbers of draws) but no method gets a luckier stream on purpose.
+                        torch.manual_seed(args.seed * 1_000_003 + pi * 101 + turn)
+                        peak.reset()
+                        r = fn(ids, temp, args.max_new_tokens)
+                        r["peak_mem_bytes"] = peak.read()
+                        if name == "ar":
+                            ar_tokens = r["tokens"]
+                        div = first_divergence(r["tokens"], ar_tokens) if ar_tokens is not None else None
+                        r.update(precision=precision, temperature=temp, method=name, prompt_id=item["id"],
+                                 turn=turn + 1, prompt_tokens=len(ids), text=ours.decode(r["tokens"]),
+                                 same_as_ar=(div is None) if temp == 0 and ar_tokens is not None else None,
+                                 first_divergence=div if temp == 0 else None)
+                        records.append(r)
+                    # The next turn continues from ar's answer so every method sees the same context.
+                    history.append(ours.decode(ar_tokens))
+        del ours, runners
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    roofline = {"bandwidth_gb_s": bandwidth, "model_bytes": model_bytes_of,
+                "tok_s": {p: bandwidth * 1e9 / b for p, b in model_bytes_of.items()}}
+    summary = summarize(records, model_bytes_of, roofline)
+    results = {
+        "command": "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv is not None
+                                                                                   else sys.argv[1:]))),
+        "machine": machine_info(device),
+        "config": {"checkpoint": args.checkpoint, "prompts": args.prompts, "n_prompts": len(prompts),
+                   "turns": args.turns, "max_new_tokens": args.max_new_tokens, "methods": args.methods,
+                   "peers": peers, "precisions": args.precisions, "temperatures": args.temperatures,
+                   "top_k": args.top_k, "top_p": args.top_p, "compile": args.compile,
+                   "compile_prefill": args.compile_prefill, "seed": args.seed,
+                   "warmup": args.warmup, "draft": args.draft, "draft_checkpoint": args.draft_checkpoint,
+                   "tree_depth": args.tree_depth, "tree_topk": args.tree_topk, "tree_tokens": args.tree_tokens,
+                   "draft_vocab": args.draft_vocab},
+        "roofline": roofline,
+        "summary": summary,
+        "records": records,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(results))
+    write_plot(summary, out / "results.png")
+    print(markdown_table(summary))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
