@@ -1,0 +1,726 @@
+"""Weight-only quantization: int8 (per output channel) and int4 (groupwise, optionally GPTQ).
+
+Decoding one token reads every weight once, so weight bytes are the cost of a decode step: int8 halves
+them, int4 quarters them. Activations stay in float; only the stored weights shrink.
+
+    python quantize.py --checkpoint checkpoints/.../model.pth --mode int8         → model_int8.pth
+    python quantize.py --checkpoint checkpoints/.../model.pth --mode int4 --groupsize 32   → model_int4.g32.pth
+    python quantize.py --checkpoint checkpoints/.../model.pth --mode int4-gptq    → model_int4-gptq.g32.pth
+    python quantize.py --eval --checkpoint checkpoints/.../model.pth --modes int8,int4,int4-gptq
+
+What the file holds is independent of the PyTorch version and of the device (gpt-fast stored the
+tinygemm-packed layout and broke when that layout changed):
+    int8: <name>.weight int8 [out, in], <name>.scales [out]                 w ≈ weight * scales
+    int4: <name>.weight uint8 [out, in_p/2] (two 4-bit codes per byte, even column in the high nibble),
+          <name>.scales_and_zeros [in_p/groupsize, out, 2]                  w ≈ (q - 8) * scale + zero
+          (in_p = in_features rounded up to the group size; the padded columns are zero and so are the
+          activations they meet)
+`prepare_for_device` repacks int4 at load time for the kernel of the device it runs on.
+
+Which layers: every nn.Linear (attention, MLP, the output head). The token embedding stays float: it is
+a gather of one row per token, not a matmul. A model with tied embeddings gets a quantized copy of the
+embedding as its output head, so its file holds both the float embedding and the quantized head.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from checkpoint import UserError, atomic_save, read_checkpoint, run_cli
+
+MODES = ("int8", "int4", "int4-gptq")
+GROUPSIZES = (32, 64, 128, 256)
+# On CPU `_weight_int8pack_mm` beats bf16 F.linear ~2-3x for one row but falls behind dequantize + matmul
+# from ~32 rows (a speculative tree verify); measured on SmolLM2-135M's shapes (see the report in README).
+INT8_PACKED_MAX_ROWS = 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantizers: float weight → integer codes + scales. Version- and device-independent.
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel: (q int8 [out, in], scales float32 [out]) with w ≈ q * scales."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def padded_in_features(in_features: int, groupsize: int) -> int:
+    return -(-in_features // groupsize) * groupsize
+
+
+def int4_group_params(w: Tensor, groupsize: int, scale_dtype=torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """Asymmetric min/max parameters per group of `groupsize` input columns: (scales, zeros), each
+    [out, in/groupsize], rounded to `scale_dtype` (what the kernels read) and returned as float32.
+    Convention of the tinygemm kernels: w ≈ (q - 8) * scale + zero, q in [0, 15]."""
+    out, k = w.shape
+    g = w.float().reshape(out, k // groupsize, groupsize)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scales = ((hi - lo).clamp(min=1e-6) / 15).to(scale_dtype).float()
+    zeros = (lo + 8 * scales).to(scale_dtype).float()
+    return scales, zeros
+
+
+def int4_codes(w: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) -> Tensor:
+    """Codes q in [0, 15] (int32 [out, in]) for given group parameters; the rounding uses the parameters
+    exactly as the kernel will see them so that dequantize(q) is the nearest grid point."""
+    out, k = w.shape
+    g = w.float().reshape(out, k // groupsize, groupsize)
+    lo = zeros[..., None] - 8 * scales[..., None]
+    return torch.round((g - lo) / scales[..., None]).clamp(0, 15).to(torch.int32).reshape(out, k)
+
+
+def pack_scales_and_zeros(scales: Tensor, zeros: Tensor, dtype=torch.bfloat16) -> Tensor:
+    """[out, groups] scales and zeros → the kernels' [groups, out, 2]."""
+    return torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def pad_columns(w: Tensor, groupsize: int) -> Tensor:
+    k = w.shape[1]
+    kp = padded_in_features(k, groupsize)
+    return F.pad(w, (0, kp - k)) if kp != k else w
+
+
+def quantize_int4(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest groupwise int4: (codes int32 [out, in_p], scales_and_zeros bf16 [in_p/g, out, 2])."""
+    w = pad_columns(w.float(), groupsize)
+    scales, zeros = int4_group_params(w, groupsize)
+    return int4_codes(w, scales, zeros, groupsize), pack_scales_and_zeros(scales, zeros)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int [out, k] codes in [0, 15] → uint8 [out, k/2], even column in the high nibble (file layout;
+    also exactly what CUDA's `_convert_weight_to_int4pack` takes)."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of pack_int4 → int32 [out, k]."""
+    p = packed.to(torch.int32)
+    return torch.stack([p >> 4, p & 0xF], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(q: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
+    """float32 [out, k] reference dequantization (tests, GPTQ, eval)."""
+    out, k = q.shape
+    sz = scales_and_zeros.float()
+    s, z = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
+    return ((q.reshape(out, k // groupsize, groupsize).float() - 8) * s + z).reshape(out, k)
+
+
+def check_groupsize(groupsize: int) -> None:
+    if groupsize not in GROUPSIZES:
+        raise UserError(f"--groupsize {groupsize} is not supported; use one of {', '.join(map(str, GROUPSIZES))}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+
+class WeightOnlyInt8Linear(nn.Module):
+    """y = x @ (q * scales).T + bias with q int8 per output channel; scales in the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        scales = self.scales.to(x.dtype)
+        # Row count is static per compiled graph, so this branch is decided at trace time (no recompiles).
+        if x2.device.type == "cpu" and x2.shape[0] <= INT8_PACKED_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scales)
+        else:
+            # CUDA: Inductor fuses the int8→float cast into the matmul's load; CPU, many rows: a plain GEMM
+            # on the dequantized weight is faster than the packed kernel.
+            y = F.linear(x2, self.weight.to(x.dtype)) * scales
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class WeightOnlyInt4Linear(nn.Module):
+    """Groupwise asymmetric int4. Holds the file layout until `prepare(device)` repacks it for the device's
+    kernel: CPU `_weight_int4pack_mm_for_cpu`, CUDA `_weight_int4pack_mm` (tinygemm)."""
+
+    def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False,
+                 dtype=torch.bfloat16, device=None):
+        super().__init__()
+        check_groupsize(groupsize)
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.in_padded = padded_in_features(in_features, groupsize)
+        self.register_buffer("weight", torch.empty(out_features, self.in_padded // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(self.in_padded // groupsize, out_features, 2,
+                                                             dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.packed_for: Optional[str] = None   # None: file layout; "cpu" / "cuda": the kernel's layout
+        self.out_padded = out_features
+
+    def prepare(self, device) -> None:
+        """File layout → the packed layout of `device`'s kernel (which depends on the PyTorch version)."""
+        kind = torch.device(device).type
+        if self.packed_for == kind:
+            return
+        if self.packed_for is not None:
+            raise RuntimeError("WeightOnlyInt4Linear is already packed for another device; reload the file")
+        q = unpack_int4(self.weight.to(device))
+        sz = self.scales_and_zeros.to(device)
+        # Kernels tile output rows by 16 (CPU) / 8 (CUDA); pad with zero rows and slice them off after.
+        multiple = 16 if kind == "cpu" else 8
+        n_pad = -(-self.out_features // multiple) * multiple
+        if n_pad != self.out_features:
+            q = F.pad(q, (0, 0, 0, n_pad - self.out_features), value=8)
+            sz = F.pad(sz, (0, 0, 0, n_pad - self.out_features))
+        if kind == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        elif kind == "cuda":
+            # tinygemm wants in_features % (inner_k_tiles * 16) == 0; 8 tiles is the fast case.
+            tiles = next(t for t in (8, 4, 2) if self.in_padded % (t * 16) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pack_int4(q), tiles)
+            sz = sz.to(torch.bfloat16)  # tinygemm computes in bf16
+        else:
+            raise UserError(f"int4 weights run on cpu or cuda, not {kind}")
+        self.weight = packed
+        self.scales_and_zeros = sz.contiguous()
+        self.out_padded, self.packed_for = n_pad, kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.in_padded != self.in_features:
+            x2 = F.pad(x2, (0, self.in_padded - self.in_features))
+        if self.packed_for == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.groupsize,
+                                                           self.scales_and_zeros.to(x.dtype))
+        elif self.packed_for == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight,
+                                                   self.groupsize, self.scales_and_zeros).to(x.dtype)
+        else:
+            raise RuntimeError("WeightOnlyInt4Linear used before prepare(device) (load via checkpoint.load_model "
+                               "or call quantize.prepare_for_device)")
+        if self.out_padded != self.out_features:
+            y = y[:, :self.out_features]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, groupsize={self.groupsize}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hooks used by checkpoint.load_model (and the draft loader)
+
+def check_record(quant) -> tuple[str, Optional[int]]:
+    """Validate a checkpoint's "quantization" record → (mode, groupsize or None)."""
+    if not isinstance(quant, dict) or quant.get("mode") not in MODES:
+        raise UserError(f"unknown quantization record {quant!r} in the checkpoint (expected mode one of "
+                        f"{', '.join(MODES)}); quantize the float checkpoint again")
+    mode = quant["mode"]
+    if mode == "int8":
+        return mode, None
+    g = quant.get("groupsize")
+    if g not in GROUPSIZES:
+        raise UserError(f"quantization record {quant!r} has an unsupported groupsize; quantize again")
+    return mode, g
+
+
+def _linear_names(module: nn.Module, names: Optional[Iterable[str]] = None) -> list[str]:
+    found = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if names is None:
+        return found
+    names = list(names)
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise UserError(f"the checkpoint's quantization record names layers this model does not have: "
+                        f"{', '.join(missing[:4])}")
+    return names
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def swap_linears(model: nn.Module, quant: dict) -> nn.Module:
+    """Replace the nn.Linear layers named in the record (all of them when it names none) by empty quantized
+    modules, ready for `load_state_dict(..., assign=True)`. Works on a meta-device model."""
+    mode, groupsize = check_record(quant)
+    for name in _linear_names(model, quant.get("linears")):
+        lin = model.get_submodule(name)
+        kw = dict(bias=lin.bias is not None, device=lin.weight.device)
+        new = (WeightOnlyInt8Linear(lin.in_features, lin.out_features, **kw) if mode == "int8" else
+               WeightOnlyInt4Linear(lin.in_features, lin.out_features, groupsize, **kw))
+        _set_submodule(model, name, new)
+    return model
+
+
+def _check_contents(model: nn.Module) -> None:
+    """load_state_dict(assign=True) checks names and shapes but not dtypes: a float file labelled int8, or
+    an int4 file labelled int8, must fail here with one line rather than deep inside a kernel."""
+    for name, m in model.named_modules():
+        if isinstance(m, WeightOnlyInt8Linear):
+            want = {"weight": torch.int8}
+        elif isinstance(m, WeightOnlyInt4Linear) and m.packed_for is None:
+            want = {"weight": torch.uint8}
+        else:
+            continue
+        for attr, dt in want.items():
+            t = getattr(m, attr)
+            if t.dtype != dt:
+                kind = "int8" if dt == torch.int8 else "int4"
+                raise UserError(f"{name}.{attr} is {t.dtype}, not {dt}: the checkpoint's recorded quantization "
+                                f"({kind}) does not match its weights; quantize the float checkpoint again")
+        scales = m.scales if isinstance(m, WeightOnlyInt8Linear) else m.scales_and_zeros
+        if not scales.is_floating_point():
+            raise UserError(f"{name} has integer scales: the checkpoint's recorded quantization does not match "
+                            f"its weights; quantize the float checkpoint again")
+
+
+def prepare_for_device(model: nn.Module, device) -> nn.Module:
+    """After the quantized weights are loaded and moved to `device`: validate them and pack int4 for the
+    device's kernel."""
+    _check_contents(model)
+    for m in model.modules():
+        if isinstance(m, WeightOnlyInt4Linear):
+            m.prepare(device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantizing a state dict
+
+def quantize_linear_weight(w: Tensor, mode: str, groupsize: Optional[int], hessian: Optional[Tensor] = None,
+                           **gptq_kw) -> dict:
+    """One linear's float weight → the tensors the file stores for it (without the name prefix)."""
+    if mode == "int8":
+        q, s = quantize_int8(w)
+        return {"weight": q, "scales": s.to(torch.bfloat16)}
+    if mode == "int4-gptq":
+        if hessian is None:
+            raise ValueError("GPTQ needs the layer's Hessian")
+        q, sz = gptq_quantize(w, hessian, groupsize, **gptq_kw)
+    else:
+        q, sz = quantize_int4(w, groupsize)
+    return {"weight": pack_int4(q), "scales_and_zeros": sz}
+
+
+def quantize_state_dict(module: nn.Module, state_dict: dict, mode: str, groupsize: Optional[int] = None,
+                        hessians: Optional[dict] = None, progress: bool = True, **gptq_kw) -> tuple[dict, dict]:
+    """Quantize every nn.Linear of `module` whose weight is in `state_dict` (generic: a target Transformer, an
+    EAGLE draft, anything). Linears whose weight the state dict does not hold (e.g. a draft's lm_head shared
+    with the target) are left alone. Tied weights (one tensor under two names) get a quantized copy for the
+    linear and keep the float tensor for the other user. Returns (new_state_dict, quantization record)."""
+    if mode not in MODES:
+        raise UserError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode != "int8":
+        check_groupsize(groupsize)
+    names = [n for n in _linear_names(module) if f"{n}.weight" in state_dict]
+    if not names:
+        raise UserError("found no linear layer weights to quantize in this checkpoint")
+    out = dict(state_dict)
+    from tqdm import tqdm
+    for name in tqdm(names, desc=f"quantize {mode}", disable=not progress, unit="layer"):
+        w = state_dict[f"{name}.weight"]
+        if w.dim() != 2:
+            raise UserError(f"{name}.weight has shape {tuple(w.shape)}, expected a 2-D linear weight")
+        h = hessians.get(name) if hessians else None
+        del out[f"{name}.weight"]
+        for k, v in quantize_linear_weight(w, mode, groupsize, h, **gptq_kw).items():
+            out[f"{name}.{k}"] = v
+    record = {"mode": mode, "linears": names}
+    if mode != "int8":
+        record["groupsize"] = groupsize
+    return out, record
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPTQ (Frantar et al. 2022): quantize columns left to right, pushing each column's rounding error onto
+# the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = 2 XᵀX).
+
+def gptq_quantize(w: Tensor, hessian: Tensor, groupsize: int, damp: float = 0.01, block: int = 128,
+                  act_order: bool = False) -> tuple[Tensor, Tensor]:
+    """→ (codes int32 [out, in_p], scales_and_zeros bf16), the same format as quantize_int4."""
+    W = pad_columns(w.float(), groupsize).clone()
+    out, k = W.shape
+    H = torch.zeros(k, k, dtype=torch.float32)
+    H[:hessian.shape[0], :hessian.shape[1]] = hessian.float()
+    dead = torch.diag(H) == 0          # inputs that never fire (and padding): nothing to compensate
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    # Group parameters are fixed up front from the original weights ("static groups"), so act-order may
+    # visit columns in any order while each column still belongs to its own group in the file.
+    scales, zeros = int4_group_params(W, groupsize)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except RuntimeError:
+        raise UserError("GPTQ: the calibration Hessian is not positive definite even after damping; use more "
+                        "--calib-samples or a larger --damp")
+    group_of = perm // groupsize
+    Q = torch.zeros_like(W, dtype=torch.int32)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col, d = W1[:, i], Hinv1[i, i]
+            g = group_of[i1 + i]
+            s, z = scales[:, g], zeros[:, g]
+            q = torch.round((col - (z - 8 * s)) / s).clamp(0, 15)
+            Q[:, i1 + i] = q.to(torch.int32)
+            err = (col - ((q - 8) * s + z)) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        # lazy batch update: the rest of the matrix sees this block's errors in one matmul
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return Q[:, inv].contiguous(), pack_scales_and_zeros(scales, zeros)
+
+
+class HessianCollector:
+    """Forward pre-hooks accumulating H = 2/n Σ xᵀx of each named linear's input (float64 sums, one
+    [in, in] matrix per linear: memory is per layer, not per token)."""
+
+    def __init__(self, module: nn.Module, names: Iterable[str]):
+        self.h, self.n, self.handles = {}, {}, []
+        for name in names:
+            lin = module.get_submodule(name)
+            self.h[name] = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
+            self.n[name] = 0
+            self.handles.append(lin.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            self.h[name] += x.t() @ x
+            self.n[name] += x.shape[0]
+        return hook
+
+    def result(self) -> dict:
+        for h in self.handles:
+            h.remove()
+        return {k: (2 * v / max(self.n[k], 1)).float() for k, v in self.h.items()}
+
+
+@torch.no_grad()
+def gptq_transformer(model, state_dict: dict, samples: list[Tensor], groupsize: int, progress=True,
+                     **gptq_kw) -> tuple[dict, dict]:
+    """Layer-by-layer GPTQ of a Transformer: run the calibration batch through one block at a time (inputs of
+    block i are the outputs of the already-quantized blocks < i), collect each linear's Hessian, quantize
+    the block's linears and put their dequantized weights back before moving on. Only one block's
+    activations live at once. Returns (quantized state dict, record)."""
+    from tqdm import tqdm
+    x = torch.stack([model.tok_embeddings(s) for s in samples])          # [N, T, D]
+    T = x.shape[1]
+    cos, sin = (t[:T][None, None] for t in _rope(model, T))
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None]
+    pos = torch.arange(T)
+    hessians = {}
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    for prefix, layer in tqdm(blocks, desc="GPTQ", disable=not progress, unit="block"):
+        names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        col = HessianCollector(layer, names)
+        for j in range(len(x)):
+            layer(x[j:j + 1], cos, sin, mask, pos)
+        hs = col.result()
+        for n in names:
+            lin = layer.get_submodule(n)
+            full = f"{prefix}.{n}"
+            hessians[full] = hs[n]
+            q, sz = gptq_quantize(lin.weight, hs[n], groupsize, **gptq_kw)
+            # later blocks must see this block's quantized outputs (assign: never write into the mmap'd file)
+            lin.weight = nn.Parameter(dequantize_int4(q, sz, groupsize)[:, :lin.in_features], requires_grad=False)
+        for j in range(len(x)):
+            x[j:j + 1] = layer(x[j:j + 1], cos, sin, mask, pos)
+    col = HessianCollector(model, ["output"])
+    model.output(model.norm(x))
+    hessians["output"] = col.result()["output"]
+    return quantize_state_dict(model, state_dict, "int4-gptq", groupsize, hessians, progress, **gptq_kw)
+
+
+def _rope(model, T):
+    from model import rope_cache
+    return rope_cache(model.args, T)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text for calibration and evaluation (local only)
+
+def sharegpt_texts(start: int, count: int, min_chars: int = 200) -> list[str]:
+    """Conversation turns from the local ShareGPT dump, records [start, start+count) of those long enough.
+    The file is a (possibly truncated) JSON array: read it record by record with raw_decode, so a cut-off
+    tail costs nothing and we never parse more than we use."""
+    import assets
+    path = assets.fetch("sharegpt")
+    dec = json.JSONDecoder()
+    texts, seen = [], 0
+    with open(path, encoding="utf-8") as f:
+        buf, i = f.read(1 << 20), 0
+        i = buf.index("[") + 1
+        while len(texts) < count:
+            while True:
+                while i < len(buf) and buf[i] in " \n\r\t,":
+                    i += 1
+                try:
+                    rec, j = dec.raw_decode(buf, i)
+                    break
+                except json.JSONDecodeError:
+                    more = f.read(1 << 20)
+                    if not more:
+                        return texts
+                    buf, i = buf[i:] + more, 0
+            i = j
+            turns = rec.get("conversations") or [] if isinstance(rec, dict) else []
+            text = "\n\n".join(t.get("value", "") for t in turns if isinstance(t, dict))
+            if len(text) < min_chars:
+                continue
+            if seen >= start:
+                texts.append(text)
+            seen += 1
+    return texts
+
+
+def _encoder(ckpt_path: Path):
+    d = Path(ckpt_path).parent
+    try:
+        from tokenizer import load_tokenizer
+        tok = load_tokenizer(d)
+        return lambda s: list(tok.encode(s))
+    except ImportError:
+        pass
+    if not (d / "tokenizer.json").exists():
+        raise UserError(f"no tokenizer next to {ckpt_path} (expected {d / 'tokenizer.json'})")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    return lambda s: tok.encode(s, add_special_tokens=False).ids
+
+
+def token_chunks(texts: list[str], encode, n: int, seq_len: int) -> list[Tensor]:
+    """`n` chunks of exactly `seq_len` tokens from consecutive texts."""
+    ids, out = [], []
+    for t in texts:
+        ids.extend(encode(t))
+        while len(ids) >= seq_len and len(out) < n:
+            out.append(torch.tensor(ids[:seq_len]))
+            ids = ids[seq_len:]
+        if len(out) == n:
+            break
+    return out
+
+
+def calibration_chunks(ckpt_path: Path, n: int, seq_len: int, calib_file: Optional[Path]) -> list[Tensor]:
+    encode = _encoder(ckpt_path)
+    if calib_file is not None:
+        if not Path(calib_file).exists():
+            raise UserError(f"--calib-file {calib_file} does not exist")
+        texts = [Path(calib_file).read_text(encoding="utf-8", errors="replace")]
+    else:
+        texts = sharegpt_texts(0, max(4 * n, 64))
+    chunks = token_chunks(texts, encode, n, seq_len)
+    if len(chunks) < n:
+        raise UserError(f"calibration text gives only {len(chunks)} chunks of {seq_len} tokens, need "
+                        f"--calib-samples {n}; use a longer --calib-file or fewer samples")
+    return chunks
+
+
+# Eval text starts far past the calibration records, so calibration never sees it.
+EVAL_FIRST_RECORD = 5000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quality report
+
+@torch.no_grad()
+def _score(model, chunks: list[Tensor]) -> tuple[float, Tensor]:
+    """(mean next-token NLL, greedy argmax per position) over the chunks, teacher-forced."""
+    T = chunks[0].numel()
+    model.setup_caches(1, T)
+    pos = torch.arange(T)
+    nll, argmax = 0.0, []
+    for c in chunks:
+        logits = model(c[None], pos)[0].float()
+        nll += F.cross_entropy(logits[:-1], c[1:], reduction="sum").item()
+        argmax.append(logits.argmax(-1))
+    return nll / (len(chunks) * (T - 1)), torch.cat(argmax)
+
+
+def evaluate(ckpt_path: Path, modes: list[str], groupsize: int, n_tokens: int, seq_len: int, dtype, a) -> str:
+    """Perplexity on held-out ShareGPT text (records disjoint from calibration) and teacher-forced greedy
+    agreement with the float model, per mode. Uses model_<mode>... next to the checkpoint when present,
+    writing it first otherwise."""
+    from checkpoint import load_model, model_bytes
+    from tqdm import tqdm
+    ckpt = read_checkpoint(ckpt_path)
+    if ckpt.get("quantization"):
+        raise UserError(f"--eval compares against the float model: pass the float checkpoint, not {ckpt_path}")
+    del ckpt
+    n_chunks = max(1, n_tokens // seq_len)
+    chunks = token_chunks(sharegpt_texts(EVAL_FIRST_RECORD, 8 * n_chunks + 16), _encoder(ckpt_path), n_chunks,
+                          seq_len)
+    if not chunks:
+        raise UserError("no held-out evaluation text available")
+    rows = []
+    base = load_model(ckpt_path, "cpu", dtype)
+    base_nll, base_top = _score(base, chunks)
+    rows.append(("float", model_bytes(base), base_nll, None))
+    del base
+    for mode in tqdm(modes, desc="eval", unit="mode"):
+        g = None if mode == "int8" else groupsize
+        path = output_path(Path(ckpt_path), mode, g)
+        if not path.exists():
+            quantize_checkpoint(ckpt_path, mode, g, path, calib_file=a.calib_file, calib_samples=a.calib_samples,
+                                calib_seq_len=a.calib_seq_len, act_order=a.act_order, damp=a.damp)
+        m = load_model(path, "cpu", dtype)
+        nll, top = _score(m, chunks)
+        rows.append((path.name, model_bytes(m), nll, (top == base_top).float().mean().item()))
+        del m
+    n = len(chunks) * (seq_len - 1)
+    lines = [f"held-out: {len(chunks)} x {seq_len} tokens of ShareGPT (records from #{EVAL_FIRST_RECORD}), "
+             f"{str(dtype).replace('torch.', '')} activations, CPU",
+             f"| model | weights MiB | perplexity | Δ ppl | greedy agreement |",
+             f"|---|---:|---:|---:|---:|"]
+    for name, nbytes, nll, agree in rows:
+        ppl = math.exp(nll)
+        d = "" if agree is None else f"{100 * (ppl / math.exp(base_nll) - 1):+.2f}%"
+        ag = "100%" if agree is None else f"{100 * agree:.2f}%"
+        lines.append(f"| {name} | {nbytes / 2**20:.1f} | {ppl:.3f} | {d} | {ag} |")
+    lines.append(f"(greedy agreement: teacher-forced argmax equal to the float model's over {n + len(chunks)} "
+                 f"positions)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+def output_path(ckpt: Path, mode: str, groupsize: Optional[int]) -> Path:
+    stem = ckpt.stem
+    for m in MODES:  # quantizing model_int8.pth again is refused elsewhere; keep the base name clean
+        stem = stem.split(f"_{m}")[0]
+    suffix = f"_{mode}.pth" if mode == "int8" else f"_{mode}.g{groupsize}.pth"
+    return ckpt.with_name(stem + suffix)
+
+
+def draft_module(ckpt: dict) -> nn.Module:
+    """The draft network described by a draft checkpoint (built by eagle_draft.py)."""
+    try:
+        import eagle_draft
+    except ImportError:
+        raise UserError("quantizing a draft needs eagle_draft.py, which is not in this checkout")
+    build = getattr(eagle_draft, "build_draft", None) or getattr(eagle_draft, "draft_from_checkpoint", None)
+    if build is None:
+        raise UserError("eagle_draft.py has no build_draft(ckpt) to build the draft network from its checkpoint")
+    return build(ckpt)
+
+
+def quantize_checkpoint(src: Path, mode: str, groupsize: Optional[int], dst: Optional[Path] = None,
+                        draft: bool = False, calib_file=None, calib_samples: int = 32, calib_seq_len: int = 512,
+                        act_order: bool = False, damp: float = 0.01, progress: bool = True) -> Path:
+    kind = "eagle_draft" if draft else "target"
+    ckpt = read_checkpoint(src, kind)
+    if ckpt.get("quantization"):
+        raise UserError(f"{src} is already quantized ({ckpt['quantization'].get('mode')}); quantize the float "
+                        f"checkpoint instead")
+    if mode not in MODES:
+        raise UserError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "int8":
+        groupsize = None
+    else:
+        check_groupsize(groupsize)
+    sd = dict(ckpt["state_dict"])
+    if draft:
+        module = draft_module(ckpt)
+        if mode == "int4-gptq":
+            raise UserError("GPTQ needs the target's activations; quantize a draft with --mode int4 or int8")
+        new_sd, record = quantize_state_dict(module, sd, mode, groupsize, progress=progress)
+    else:
+        from checkpoint import load_model
+        model = load_model(src, "cpu", torch.float32)
+        if model.args.tie_embeddings:
+            # the head gets its own (quantized) copy; the float embedding stays for the gather
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        if mode == "int4-gptq":
+            chunks = calibration_chunks(src, calib_samples, calib_seq_len, calib_file)
+            new_sd, record = gptq_transformer(model, sd, chunks, groupsize, progress, damp=damp,
+                                              act_order=act_order)
+        else:
+            new_sd, record = quantize_state_dict(model, sd, mode, groupsize, progress=progress)
+    dst = Path(dst) if dst else output_path(Path(src), mode, groupsize)
+    out = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    out.update(quantization=record, state_dict={k: v.contiguous() for k, v in new_sd.items()})
+    atomic_save(out, dst)
+    return dst
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Weight-only int8/int4 quantization of eaglet checkpoints, and "
+                                "its quality report (--eval).")
+    p.add_argument("--checkpoint", type=Path, required=True, help="float model.pth (or a draft with --draft)")
+    p.add_argument("--mode", default="int8", help="int8 | int4 | int4-gptq")
+    p.add_argument("--groupsize", type=int, default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--draft", action="store_true", help="the checkpoint is an EAGLE draft")
+    p.add_argument("--output", type=Path, help="default: model_<mode>[.g<groupsize>].pth next to the input")
+    p.add_argument("--calib-file", type=Path, help="GPTQ calibration text (default: local ShareGPT turns)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of the mean Hessian diag")
+    p.add_argument("--eval", action="store_true", help="report perplexity and greedy agreement per mode")
+    p.add_argument("--modes", default="int8,int4,int4-gptq", help="--eval: modes to compare")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="--eval: held-out tokens")
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--dtype", default="bfloat16", help="--eval: activation dtype (bfloat16 | float32)")
+    return p
+
+
+def check_args(a) -> None:
+    if a.mode not in MODES:
+        raise UserError(f"unknown --mode {a.mode!r}; use one of {', '.join(MODES)}")
+    check_groupsize(a.groupsize)
+    for name in ("calib_samples", "calib_seq_len", "eval_tokens", "eval_seq_len"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if a.dtype not in ("bfloat16", "float32"):
+        raise UserError(f"--dtype {a.dtype!r}: use bfloat16 or float32")
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
+    check_args(a)
+    if a.eval:
+        modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise UserError(f"--modes: unknown {', '.join(bad)}; use some of {', '.join(MODES)}")
+        print(evaluate(a.checkpoint, modes, a.groupsize, a.eval_tokens, a.eval_seq_len,
+                       getattr(torch, a.dtype), a))
+        return
+    dst = quantize_checkpoint(a.checkpoint, a.mode, a.groupsize, a.output, a.draft, a.calib_file,
+                              a.calib_samples, a.calib_seq_len, a.act_order, a.damp)
+    print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

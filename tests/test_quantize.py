@@ -1,0 +1,355 @@
+"""quantize.py: kernels vs dequantized references, file round trips, GPTQ, clear errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import quantize
+from checkpoint import UserError, atomic_save, load_model, read_checkpoint
+from quantize import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, dequantize_int4, pack_int4, quantize_int4,
+                      quantize_int8, unpack_int4)
+from tiny import tiny_config, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def int8_module(w, bias=None, dtype=torch.float32):
+    q, s = quantize_int8(w)
+    m = WeightOnlyInt8Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
+    m.weight, m.scales = q, s.to(dtype)
+    if bias is not None:
+        m.bias = bias.to(dtype)
+    return m, q.float() * s[:, None]
+
+
+def int4_module(w, groupsize, device="cpu", dtype=torch.float32):
+    q, sz = quantize_int4(w, groupsize)
+    m = WeightOnlyInt4Linear(w.shape[1], w.shape[0], groupsize, dtype=dtype)
+    m.weight, m.scales_and_zeros = pack_int4(q), sz.to(dtype)
+    m.to(device)
+    m.prepare(device)
+    return m, dequantize_int4(q, sz, groupsize)[:, :w.shape[1]]
+
+
+# ----------------------------------------------------------------------------- quantizers and layouts
+
+def test_pack_unpack_roundtrip_and_layout():
+    q = torch.randint(0, 16, (5, 12), dtype=torch.int32)
+    p = pack_int4(q)
+    assert p.dtype == torch.uint8 and p.shape == (5, 6)
+    assert torch.equal(unpack_int4(p), q)
+    assert p[0, 0].item() == (q[0, 0].item() << 4) | q[0, 1].item()   # even column in the high nibble
+
+
+def test_int4_rounding_error_within_half_step():
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    q, sz = quantize_int4(w, 32)
+    assert q.min() >= 0 and q.max() <= 15
+    step = sz[..., 0].float().t().repeat_interleave(32, dim=1)      # [out, in]
+    err = (dequantize_int4(q, sz, 32) - w).abs()
+    assert (err <= 0.5 * step + 2e-2 * step + 1e-6).all()   # bf16 rounding of scale/zero adds a little
+
+
+def test_int8_rounding_error_within_half_step():
+    w = torch.randn(16, 40)
+    q, s = quantize_int8(w)
+    assert ((q.float() * s[:, None] - w).abs() <= 0.5 * s[:, None] + 1e-6).all()
+
+
+# ----------------------------------------------------------------------------- kernels vs references
+
+@pytest.mark.parametrize("rows", [1, 7, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_matches_dequantized(rows, dtype):
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 96), torch.randn(48)
+    m, wd = int8_module(w, b, dtype)
+    x = torch.randn(2, rows, 96).to(dtype)
+    y = m(x)
+    assert y.shape == (2, rows, 48) and y.dtype == dtype
+    ref = x.float() @ wd.t() + b
+    assert rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 33])
+def test_int4_linear_matches_dequantized(device, groupsize, rows):
+    torch.manual_seed(groupsize + rows)
+    w = torch.randn(64, 512)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    m, wd = int4_module(w, groupsize, device, dtype)
+    x = torch.randn(1, rows, 512, device=device).to(dtype)
+    y = m(x)
+    assert y.shape == (1, rows, 64)
+    ref = x.float() @ wd.to(device).t()
+    assert rel_err(y, ref) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_pads_odd_shapes(device):
+    # in_features not a multiple of the group size (pad columns), out_features not a multiple of 16 (pad rows)
+    torch.manual_seed(1)
+    w = torch.randn(40, 96)
+    m, wd = int4_module(w, 64, device, torch.float32 if device == "cpu" else torch.bfloat16)
+    assert m.weight.shape[0] >= 48 and m.in_padded == 128
+    x = torch.randn(3, 96, device=device).to(m.scales_and_zeros.dtype)
+    assert rel_err(m(x), x.float() @ wd.to(device).t()) < 2e-2
+
+
+def test_int4_bf16_cpu():
+    torch.manual_seed(2)
+    w = torch.randn(32, 256)
+    m, wd = int4_module(w, 32, "cpu", torch.bfloat16)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    assert rel_err(m(x), x.float() @ wd.t()) < 2e-2
+
+
+def test_int4_unprepared_module_refuses():
+    m = WeightOnlyInt4Linear(64, 32, 32)
+    with pytest.raises(RuntimeError, match="prepare"):
+        m(torch.randn(1, 64))
+
+
+def test_bad_groupsize_is_a_user_error():
+    with pytest.raises(UserError, match="groupsize"):
+        WeightOnlyInt4Linear(64, 32, 48)
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    k, n = 128, 64
+    mix = torch.randn(k, k) / k ** 0.5 + torch.eye(k)
+    x = torch.randn(2048, k) @ mix * torch.linspace(0.2, 3, k)   # correlated, uneven input scales
+    w = torch.randn(n, k)
+    h = 2 * x.t() @ x / len(x)
+    q_rtn, sz_rtn = quantize_int4(w, 32)
+    q_g, sz_g = quantize.gptq_quantize(w, h, 32, block=32)
+    ref = x @ w.t()
+    err_rtn = (x @ dequantize_int4(q_rtn, sz_rtn, 32).t() - ref).pow(2).mean()
+    err_g = (x @ dequantize_int4(q_g, sz_g, 32).t() - ref).pow(2).mean()
+    assert err_g < 0.8 * err_rtn
+    q_a, sz_a = quantize.gptq_quantize(w, h, 32, act_order=True)
+    err_a = (x @ dequantize_int4(q_a, sz_a, 32).t() - ref).pow(2).mean()
+    assert err_a < err_rtn
+    assert q_g.min() >= 0 and q_g.max() <= 15
+
+
+def test_gptq_transformer_layer_by_layer(tmp_path):
+    path, _, _ = write_checkpoint(tmp_path / "model.pth")
+    model = load_model(path, "cpu", torch.float32)
+    sd = dict(read_checkpoint(path)["state_dict"])
+    samples = [torch.randint(0, 256, (32,)) for _ in range(4)]
+    new_sd, record = quantize.gptq_transformer(model, sd, samples, 32, progress=False)
+    assert record["mode"] == "int4-gptq" and record["groupsize"] == 32
+    assert "output" in record["linears"] and len(record["linears"]) == 2 * 4 + 1
+    assert new_sd["layers.0.attention.wqkv.weight"].dtype == torch.uint8
+    assert new_sd["tok_embeddings.weight"].dtype == sd["tok_embeddings.weight"].dtype
+
+
+# ----------------------------------------------------------------------------- files: quantize → load → run
+
+def dequantized_reference(path, qpath):
+    """The float model with each linear replaced by its dequantized weights: what the quantized model must
+    compute up to float rounding."""
+    ref = load_model(path, "cpu", torch.float32)
+    qsd = read_checkpoint(qpath)["state_dict"]
+    quant = read_checkpoint(qpath)["quantization"]
+    for name in quant["linears"]:
+        lin = ref.get_submodule(name)
+        if quant["mode"] == "int8":
+            w = qsd[f"{name}.weight"].float() * qsd[f"{name}.scales"].float()[:, None]
+        else:
+            w = dequantize_int4(unpack_int4(qsd[f"{name}.weight"]), qsd[f"{name}.scales_and_zeros"],
+                                quant["groupsize"])[:, :lin.in_features]
+        lin.weight = nn.Parameter(w, requires_grad=False)   # also unties a tied head, like the file
+    return ref
+
+
+def greedy(model, prompt, n):
+    model.setup_caches(1, 64)
+    T = prompt.shape[1]
+    logits = model(prompt, torch.arange(T))
+    out = [int(logits[0, -1].argmax())]
+    for i in range(n - 1):
+        logits = model(torch.tensor([[out[-1]]]), torch.tensor([T + i]))
+        out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode,groupsize,tie", [("int8", None, False), ("int4", 32, False), ("int4", 64, True),
+                                                ("int8", None, True)])
+def test_quantize_save_load_generate(tmp_path, mode, groupsize, tie):
+    path, _, _ = write_checkpoint(tmp_path / "model.pth", tie_word_embeddings=tie)
+    qpath = quantize.quantize_checkpoint(path, mode, groupsize, progress=False)
+    assert qpath.name == ("model_int8.pth" if mode == "int8" else f"model_{mode}.g{groupsize}.pth")
+    ck = read_checkpoint(qpath)
+    assert ck["quantization"]["mode"] == mode and ck["quantization"].get("groupsize") == groupsize
+    qm = load_model(qpath, "cpu", torch.float32)
+    assert isinstance(qm.output, WeightOnlyInt8Linear if mode == "int8" else WeightOnlyInt4Linear)
+    assert qm.tok_embeddings.weight.dtype == torch.float32     # the gather stays float
+    ref = dequantized_reference(path, qpath)
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    qm.setup_caches(1, 64)
+    ref.setup_caches(1, 64)
+    pos = torch.arange(9)
+    assert rel_err(qm(prompt, pos), ref(prompt, pos)) < 1e-4
+    assert greedy(qm, prompt, 6) == greedy(ref, prompt, 6)
+
+
+def test_bf16_quantized_model_runs_and_is_smaller(tmp_path):
+    path, _, _ = write_checkpoint(tmp_path / "model.pth")
+    from checkpoint import model_bytes
+    base = load_model(path, "cpu", torch.bfloat16)
+    sizes = {}
+    for mode, g in (("int8", None), ("int4", 32)):
+        qm = load_model(quantize.quantize_checkpoint(path, mode, g, progress=False), "cpu", torch.bfloat16)
+        sizes[mode] = model_bytes(qm)
+        prompt = torch.randint(0, 256, (1, 5))
+        assert len(greedy(qm, prompt, 3)) == 3
+    # embedding stays bf16, every linear shrinks
+    assert sizes["int4"] < sizes["int8"] < model_bytes(base)
+
+
+@torch.no_grad()
+def test_compiled_quantized_decode_matches_eager(tmp_path):
+    path, _, _ = write_checkpoint(tmp_path / "model.pth", num_hidden_layers=1)
+    qm = load_model(quantize.quantize_checkpoint(path, "int4", 32, progress=False), "cpu", torch.float32)
+    qm.setup_caches(1, 32)
+    torch._dynamo.reset()
+    step = torch.compile(qm, fullgraph=True, dynamic=False)
+    tok, pos = torch.tensor([[5]]), torch.tensor([0])
+    eager = qm(tok, pos)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    assert rel_err(step(tok, pos), eager) < 1e-4
+    step(torch.tensor([[7]]), torch.tensor([1]))                   # a new position must not recompile
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_draft_like_module_roundtrip():
+    """Any module + state dict: linears in the state dict are quantized, a shared head outside it is not."""
+    from model import ModelArgs, TransformerBlock
+    args = ModelArgs.from_hf_config(tiny_config())
+
+    class Draft(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.fc = nn.Linear(2 * args.dim, args.dim, bias=True)
+            self.layer = TransformerBlock(args, input_norm=False)
+            self.lm_head = head                          # the target's, shared: not in the draft's file
+
+        def forward(self, x):
+            return self.lm_head(self.layer.feed_forward(self.fc(x)))
+
+    torch.manual_seed(0)
+    head = nn.Linear(args.dim, args.vocab_size, bias=False)
+    draft = Draft(head)
+    sd = {k: v for k, v in draft.state_dict().items() if not k.startswith("lm_head")}
+    for mode, g in (("int8", None), ("int4", 32)):
+        qsd, record = quantize.quantize_state_dict(draft, sd, mode, g, progress=False)
+        assert "lm_head" not in record["linears"] and "fc" in record["linears"]
+        with torch.device("meta"):
+            fresh = Draft(nn.Linear(args.dim, args.vocab_size, bias=False))
+        quantize.swap_linears(fresh, record)
+        fresh.lm_head = head
+        qsd_full = dict(qsd, **{f"lm_head.{k}": v for k, v in head.state_dict().items()})
+        fresh.load_state_dict(qsd_full, strict=True, assign=True)
+        quantize.prepare_for_device(fresh, "cpu")
+        assert isinstance(fresh.lm_head, nn.Linear) and not isinstance(fresh.fc, nn.Linear)
+        # reference: dequantized weights in a float copy
+        ref = Draft(head)
+        ref.load_state_dict(draft.state_dict())
+        for name in record["linears"]:
+            lin = ref.get_submodule(name)
+            if mode == "int8":
+                w = qsd[f"{name}.weight"].float() * qsd[f"{name}.scales"].float()[:, None]
+            else:
+                w = dequantize_int4(unpack_int4(qsd[f"{name}.weight"]), qsd[f"{name}.scales_and_zeros"], g)
+            lin.weight = nn.Parameter(w[:, :lin.in_features])
+        x = torch.randn(3, 2 * args.dim)
+        with torch.no_grad():
+            assert rel_err(fresh(x), ref(x)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- clear errors
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "quantize.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_cli_writes_file_and_rejects_bad_flags(tmp_path):
+    path, _, _ = write_checkpoint(tmp_path / "model.pth")
+    r = run_cli("--checkpoint", path, "--mode", "int4", "--groupsize", "64")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "model_int4.g64.pth").exists()
+    assert not list(tmp_path.glob(".*tmp"))                         # atomic write leaves no temp file
+    assert_one_line_error(run_cli("--checkpoint", path, "--mode", "int4", "--groupsize", "48"), "groupsize")
+    assert_one_line_error(run_cli("--checkpoint", path, "--mode", "int3"), "int3")
+    assert_one_line_error(run_cli("--checkpoint", tmp_path / "nope.pth"), "not found")
+    assert_one_line_error(run_cli("--checkpoint", tmp_path / "model.pth", "--eval", "--modes", "int2"), "int2")
+    assert_one_line_error(run_cli("--checkpoint", tmp_path / "model_int4.g64.pth", "--mode", "int8"),
+                          "already quantized")
+
+
+def test_corrupt_and_mismatched_files(tmp_path):
+    path, _, _ = write_checkpoint(tmp_path / "model.pth")
+    q8 = quantize.quantize_checkpoint(path, "int8", None, progress=False)
+    q4 = quantize.quantize_checkpoint(path, "int4", 32, progress=False)
+    # truncated file
+    bad = tmp_path / "trunc.pth"
+    bad.write_bytes(q8.read_bytes()[: q8.stat().st_size // 2])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_model(bad, "cpu")
+    # int4 file relabelled int8: names/shapes differ → one clear line
+    ck = torch.load(q4, weights_only=True)
+    ck["quantization"] = {**ck["quantization"], "mode": "int8"}
+    atomic_save(ck, tmp_path / "relabel.pth")
+    with pytest.raises(UserError, match="do not match"):
+        load_model(tmp_path / "relabel.pth", "cpu")
+    # int4 g32 labelled g64: scales shape mismatch
+    ck["quantization"] = {**ck["quantization"], "mode": "int4", "groupsize": 64}
+    atomic_save(ck, tmp_path / "regroup.pth")
+    with pytest.raises(UserError, match="do not match"):
+        load_model(tmp_path / "regroup.pth", "cpu")
+    # int8 file whose weights were replaced by floats of the same shape: dtype check
+    ck = torch.load(q8, weights_only=True)
+    ck["state_dict"] = {k: (v.float() if k.endswith(".weight") and v.dtype == torch.int8 else v)
+                        for k, v in ck["state_dict"].items()}
+    atomic_save(ck, tmp_path / "floaty.pth")
+    with pytest.raises(UserError, match="does not match"):
+        load_model(tmp_path / "floaty.pth", "cpu")
+    # unknown record
+    ck["quantization"] = {"mode": "fp8"}
+    atomic_save(ck, tmp_path / "fp8.pth")
+    with pytest.raises(UserError, match="unknown quantization"):
+        load_model(tmp_path / "fp8.pth", "cpu")
+
+
+def test_sharegpt_reader_gives_disjoint_texts():
+    a = quantize.sharegpt_texts(0, 3)
+    b = quantize.sharegpt_texts(3, 2)
+    assert len(a) == 3 and len(b) == 2 and not set(a) & set(b)
+    assert quantize.sharegpt_texts(1, 2) == a[1:]
