@@ -37,7 +37,8 @@ import torch  # noqa: E402
 from checkpoint import UserError, atomic_write_text, model_bytes, run_cli  # noqa: E402
 
 DEFAULT_CHECKPOINT = "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth"
-METHODS = ("ar", "eagle", "eagle-chain", "eagle-static", "draft", "lookup")
+# ar-eager: plain decoding without torch.compile, in the same run as a compiled `ar` (with --compile)
+METHODS = ("ar", "ar-eager", "eagle", "eagle-chain", "eagle-static", "draft", "lookup")
 TREE_OF = {"eagle": "dynamic", "eagle-chain": "chain", "eagle-static": "static"}
 PEERS = ("hf", "llamacpp")
 # precision -> (activation dtype, file next to model.pth holding the weights, quantize.py --mode)
@@ -143,7 +144,7 @@ def summarize(records: list[dict], model_bytes_of: dict, roofline: dict) -> list
             "peak_mem_mb": max((r["peak_mem_bytes"] or 0) for r in recs) / 2**20 or None,
         }
         rounds = sum(r["rounds"] or 0 for r in recs)
-        if method == "ar":
+        if method in ("ar", "ar-eager"):
             row["tau"] = 1.0
         elif rounds:
             row["tau"] = sum((r["mean_accepted"] or 0) * (r["rounds"] or 0) for r in recs) / rounds
@@ -155,7 +156,7 @@ def summarize(records: list[dict], model_bytes_of: dict, roofline: dict) -> list
             total = [sum(h[i] if i < len(h) else 0 for h in hists) for i in range(width)]
             row["accept_hist"] = total
             row["accept_by_depth"] = acceptance_by_depth(total)
-        if method == "ar" and agg and prec in model_bytes_of:
+        if method in ("ar", "ar-eager", "hf", "hf-static") and agg and prec in model_bytes_of:
             row["bandwidth_gb_s"] = model_bytes_of[prec] * agg / 1e9
             if roofline.get("tok_s", {}).get(prec):
                 row["roofline_fraction"] = agg / roofline["tok_s"][prec]
@@ -358,7 +359,7 @@ class Ours:
             G.compile_prefill()
         self.drafters = {}
         for m in args.methods:
-            if m == "ar":
+            if m in ("ar", "ar-eager"):
                 continue
             import speculative as S
             kw = {k: v for k, v in (("tree_depth", args.tree_depth), ("tree_topk", args.tree_topk),
@@ -408,17 +409,23 @@ class Ours:
         a = self.args
         prompt = torch.tensor(ids, dtype=torch.long, device=self.model_device)
         kw = dict(temperature=temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=tuple(self.tokenizer.stop_ids))
-        if method == "ar":
-            tokens, st = self.G.generate(self.model, prompt, max_new_tokens, **kw)
-            new = list(tokens[0])[-st["new_tokens"]:] if st["new_tokens"] else []
+        if method in ("ar", "ar-eager"):
+            G, compiled = self.G, (self.G.decode_step, self.G.prefill_step)
+            if method == "ar-eager":
+                G.decode_step, G.prefill_step = G.decode_one_token, G.prefill
+            try:
+                tokens, st = G.generate(self.model, prompt, max_new_tokens, **kw)
+            finally:
+                G.decode_step, G.prefill_step = compiled
+            new = list(tokens[0])
         else:
             import speculative as S
             new, st = S.speculative_generate(self.model, self.drafters[method], prompt, max_new_tokens, **kw)
             new = list(new)
         return {"tokens": new, "new_tokens": st["new_tokens"], "ttft_s": st.get("time_to_first_token_s"),
                 "decode_s": st["decode_s"], "decode_tok_s": st["decode_tokens_per_s"],
-                "rounds": st.get("rounds", st["new_tokens"] if method == "ar" else None),
-                "mean_accepted": st.get("mean_accepted", 1.0 if method == "ar" else None),
+                "rounds": st.get("rounds", st["new_tokens"] if method.startswith("ar") else None),
+                "mean_accepted": st.get("mean_accepted", 1.0 if method.startswith("ar") else None),
                 "accept_hist": list(st["accept_hist"]) if st.get("accept_hist") is not None else None}
 
     @property
@@ -508,7 +515,9 @@ class LlamaCppPeer:
         stop = set(stop_ids)
         t0 = time.perf_counter()
         t_first, new = None, []
-        for tok in self.llm.generate(ids, temp=temperature, top_k=0 if temperature else 1, top_p=1.0, reset=True):
+        # Plain sampling as ours does it: no min-p, no repetition penalty (llama_cpp's defaults have both).
+        for tok in self.llm.generate(ids, temp=temperature, top_k=0 if temperature else 1, top_p=1.0, min_p=0.0,
+                                     repeat_penalty=1.0, reset=True):
             if t_first is None:
                 t_first = time.perf_counter()
             new.append(int(tok))
