@@ -426,6 +426,25 @@ def test_smollm2_template_inserts_default_system_prompt(toks):
     assert ids[-len(tail):] == tail and tok.decode(ids) == text
 
 
+def test_real_smollm2_tokenizer_matches_transformers(smollm2_dir):
+    """The default model's own tokenizer files (as scripts/download.py prepares them), read by transformers'
+    AutoTokenizer the way a user of the HF model would."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok = load_tokenizer(smollm2_dir)
+    assert tok.chat_template_name == "model" and tok.stop_ids >= {2} and tok.eos_id == 2
+    for messages in CONVERSATIONS.values():
+        for add_generation_prompt in (True, False):
+            assert tok.apply_chat_template(messages, add_generation_prompt) == hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            assert tok.encode_chat(messages, add_generation_prompt) == hf.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
+    assert "named SmolLM, trained by Hugging Face" in tok.apply_chat_template([USER1])
+    for text in VARIED_TEXTS:
+        assert tok.encode(text) == hf.encode(text), text
+        assert tok.decode(tok.encode(text)) == hf.decode(hf.encode(text)) == text
+
+
 def test_builtin_templates_render_the_official_formats(toks, dirs):
     llama3 = toks["tiktoken"].apply_chat_template([SYSTEM, USER1])
     assert llama3 == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a terse assistant."
