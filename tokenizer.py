@@ -86,7 +86,8 @@ class Tokenizer:
     kind = ""
 
     def __init__(self, *, special: dict[str, int], vocab_size: int, config: dict, default_bos: str | None,
-                 default_eos: str | None, extra_stop_ids: Iterable[int] = (), chat_template: str | None = None):
+                 default_eos: str | None, extra_stop_ids: Iterable[int] = (),
+                 chat_template: tuple[str, str] | None = None):
         self.special = dict(special)  # text of each special/added token → id
         self.vocab_size = vocab_size
         self.bos_token = _token_text(config.get("bos_token")) or default_bos
@@ -101,12 +102,10 @@ class Tokenizer:
         tokens = {k: _token_text(config.get(k)) for k in _TEMPLATE_TOKEN_VARS}
         tokens.update(bos_token=self.bos_token, eos_token=self.eos_token)
         self._template_vars = {k: v for k, v in tokens.items() if v is not None}
-        if chat_template is None:
-            self.chat_template_name = self._builtin_template_name()
-            chat_template = BUILTIN_TEMPLATES[self.chat_template_name]
-        else:
-            self.chat_template_name = "model"
-        self.chat_template = chat_template
+        if chat_template is None:  # the model ships none: the official one for its vocabulary
+            name = self._builtin_template_name()
+            chat_template = (name, BUILTIN_TEMPLATES[name])
+        self.chat_template_name, self.chat_template = chat_template  # name: "model", a built-in's name or a path
         self._compiled = None
 
     # --- what subclasses provide -------------------------------------------------------------------------------
@@ -336,20 +335,21 @@ def load_tokenizer(path, chat_template: str | None = None) -> Tokenizer:
     return SentencePieceTokenizer(file, config, **kw)
 
 
-def _find_chat_template(directory: Path, config: dict, override: str | None) -> str | None:
+def _find_chat_template(directory: Path, config: dict, override: str | None) -> tuple[str, str] | None:
+    """(name, Jinja source) of the template to use; None when the model has none."""
     if override is not None:
         if override in BUILTIN_TEMPLATES:
-            return BUILTIN_TEMPLATES[override]
+            return override, BUILTIN_TEMPLATES[override]
         if Path(override).is_file():
-            return Path(override).read_text()
+            return override, Path(override).read_text()
         raise UserError(f"unknown chat template {override!r}: use one of {', '.join(BUILTIN_TEMPLATES)} "
                         f"or a path to a Jinja template file")
     if (directory / "chat_template.jinja").is_file():  # where transformers >= 4.52 saves it
-        return (directory / "chat_template.jinja").read_text()
+        return "model", (directory / "chat_template.jinja").read_text()
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return template if isinstance(template, str) and template else None
+    return ("model", template) if isinstance(template, str) and template else None
 
 
 @lru_cache(maxsize=None)

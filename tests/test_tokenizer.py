@@ -514,6 +514,21 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def test_model_template_sources(dirs):
+    d = dirs["hf_gpt2"].parent / "hf_gpt2_templates"
+    shutil.copytree(dirs["hf_gpt2"], d)
+    # named templates in tokenizer_config.json: the "default" one; bos/eos may live in special_tokens_map.json
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "default {{ bos_token }}"}]}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<|endoftext|>"},
+                                                           "eos_token": "<|endoftext|>"}))
+    tok = load_tokenizer(d)
+    assert tok.chat_template_name == "model" and tok.apply_chat_template([USER1]) == "default <|endoftext|>"
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids) == (50256, 50256, {50256})
+    (d / "chat_template.jinja").write_text("file {{ messages | length }}")  # transformers' own file wins
+    assert load_tokenizer(d).apply_chat_template([USER1, ASSISTANT1]) == "file 2"
+
+
 def test_template_errors_are_user_errors(toks, dirs, tmp_path):
     with pytest.raises(UserError, match="roles must alternate"):
         toks["spm"].apply_chat_template([USER1, USER2])
@@ -526,7 +541,8 @@ def test_template_errors_are_user_errors(toks, dirs, tmp_path):
                       "{{ strftime_now('%Y') | length }} {{ {'a': '<b>'} | tojson }}")
     tok = load_tokenizer(dirs["spm"], chat_template=str(custom))
     assert tok.apply_chat_template([USER1]) == "USER: What is the capital of France?\n4 {\"a\": \"<b>\"}"
-    assert load_tokenizer(dirs["hf_smollm2"], chat_template="chatml").chat_template == BUILTIN_TEMPLATES["chatml"]
+    chatml = load_tokenizer(dirs["hf_smollm2"], chat_template="chatml")
+    assert (chatml.chat_template_name, chatml.chat_template) == ("chatml", BUILTIN_TEMPLATES["chatml"])
 
 
 # --- loading errors ----------------------------------------------------------------------------------------------
