@@ -1,0 +1,554 @@
+"""Generate text with a LLaMA-family checkpoint: the CLI, and the plain decode loop as a library.
+
+Read top to bottom, this is the algorithm:
+    load_target      checkpoint → Transformer (+ the tokenizer sitting next to it)
+    prefill          run the prompt through the model once, filling the KV cache; sample token 1
+    decode_one_token feed one token at one cache slot; sample the next
+    generate         prefill, then decode_one_token until a stop id or max_new_tokens
+    main             flags → prompt ids → generate (or speculative.speculative_generate) → stream text + stats
+
+Importing this module has no side effects: scripts/benchmark.py runs exactly this loop in-process.
+
+torch.compile: `compile_decode()` swaps the module-level decode step for a compiled one (gpt-fast's
+trick). The step has static shapes — token [B, 1], cache slot as a 1-element tensor, preallocated
+caches — so it compiles once (fullgraph) and a whole generation never recompiles. On CUDA it uses
+CUDA graphs (mode="reduce-overhead"); on CPU Inductor's default C++ backend.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from checkpoint import UserError, load_model, model_bytes, run_cli
+from speculative import sample
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_CHECKPOINT = Path("checkpoints") / DEFAULT_REPO / "model.pth"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Speculative decoding writes a whole draft tree past the accepted prefix before it knows how much of
+# it survives, so its cache needs room beyond prompt + max_new_tokens.
+SPECULATIVE_SLACK = 128
+CACHE_ROUNDING = 256
+INTERACTIVE_CACHE = 2048
+
+
+def resolve_device(name: str) -> str:
+    """"auto" → "cuda" when available, else "cpu". Raises UserError for unknown or unavailable devices."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} requested but this PyTorch has no usable CUDA device "
+                            f"(use --device cpu or auto)")
+        return name
+    raise UserError(f"unknown device {name!r} (choose auto, cpu or cuda)")
+
+
+def load_target(checkpoint, device: str, dtype) -> tuple:
+    """(model, tokenizer): the target Transformer from our checkpoint file and the tokenizer files in the
+    same directory."""
+    from tokenizer import load_tokenizer  # deferred: tests and benchmarks may pass ids directly
+    checkpoint = Path(checkpoint)
+    model = load_model(checkpoint, device, dtype)
+    return model, load_tokenizer(checkpoint.parent)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decode loop
+# ---------------------------------------------------------------------------------------------------
+
+def prefill(model, idx: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int],
+            top_p: Optional[float]) -> tuple[Tensor, Tensor]:
+    """Run the prompt idx [B, T] at cache slots input_pos [T]; return (next token [B, 1], hidden [B, T, D]).
+    Only the last position goes through lm_head: for a 49k vocabulary the full [T, V] logits would cost
+    more than the rest of the prefill for short prompts. The hidden states are EAGLE's features."""
+    h = model.hidden(idx, input_pos)
+    logits = model.output(h[:, -1:])
+    return sample(logits, temperature, top_k, top_p), h
+
+
+def decode_one_token(model, cur: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int],
+                     top_p: Optional[float]) -> Tensor:
+    """Feed cur [B, 1] at cache slot input_pos [1]; return the sampled next token [B, 1]."""
+    logits = model(cur, input_pos)
+    return sample(logits, temperature, top_k, top_p)
+
+
+# What generate() calls; compile_decode / compile_prefill replace these, use_eager restores them.
+decode_step = decode_one_token
+prefill_step = prefill
+
+
+def compile_decode(mode: Optional[str] = None):
+    """Compile the one-token decode step once, with fullgraph=True so any graph break is an error instead of
+    a silent slowdown. mode=None picks "reduce-overhead" (CUDA graphs: one launch per token) on CUDA and
+    Inductor's default (C++/OpenMP kernels) on CPU. The cache device is taken from the default device
+    unless the caller passes a mode."""
+    global decode_step
+    if mode is None:
+        mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+    decode_step = torch.compile(decode_one_token, fullgraph=True, mode=mode)
+    return decode_step
+
+
+def compile_prefill():
+    """Compile prefill with dynamic shapes: prompt lengths vary, and one symbolic-length graph beats a
+    recompilation per length."""
+    global prefill_step
+    prefill_step = torch.compile(prefill, fullgraph=True, dynamic=True)
+    return prefill_step
+
+
+def use_eager():
+    """Undo compile_decode / compile_prefill (tests compare both paths in one process)."""
+    global decode_step, prefill_step
+    decode_step, prefill_step = decode_one_token, prefill
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_cache_length(model, needed: int) -> int:
+    """Slots for `needed` tokens, rounded up to a multiple of 256 (so nearby lengths share one compiled
+    graph) and capped by the model's max_position_embeddings."""
+    cap = model.args.max_position_embeddings
+    if needed > cap:
+        raise ValueError(f"{needed} tokens exceed the model's max_position_embeddings {cap}")
+    return min(cap, CACHE_ROUNDING * math.ceil(needed / CACHE_ROUNDING))
+
+
+@torch.no_grad()
+def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, stop_ids: Sequence[int] = (),
+             callback: Optional[Callable[[int, list], None]] = None, start_pos: int = 0) -> tuple:
+    """Plain autoregressive decoding.
+
+    prompt: [T] or [B, T] token ids on the model's device. Returns (tokens, stats):
+      tokens — one list per batch row of the new tokens only; a row ends at its first stop id (included)
+               or after max_new_tokens.
+      stats  — new_tokens (all rows), prompt_tokens, batch_size, decode_steps, time_to_first_token_s,
+               decode_s, decode_tokens_per_s (decode steps per second after the first token; at batch 1
+               that is tokens/s, and it is what weight bandwidth is proportional to).
+    callback(row, ids) is called as tokens are appended to a row (ids is a list; the stop id is included,
+    a streaming caller drops it). Speculative decoding calls it the same way with several ids at once.
+
+    Caches: if the model has none, or they are for another batch size, or too short for
+    T + max_new_tokens, generate allocates them (length rounded up to 256). Callers that want a fixed
+    cache (the CLI's --max-seq-length, benchmarks) call model.setup_caches first; it is reused as is.
+    start_pos: prompt[:, :start_pos] is already in the cache (a chat turn reusing the conversation so far);
+    only the rest is prefilled.
+    """
+    if prompt.dim() == 1:
+        prompt = prompt[None]
+    B, T = prompt.shape
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if not 0 <= start_pos < T:
+        raise ValueError(f"start_pos {start_pos} must leave at least one prompt token to prefill (T={T})")
+    # The last sampled token is never fed back, so T + max_new_tokens - 1 slots would do; asking for one
+    # more keeps the rule simple and matches the CLI's check.
+    needed = T + max_new_tokens
+    if model.max_batch_size != B or model.max_seq_length < needed:
+        model.setup_caches(B, default_cache_length(model, needed))
+    device = prompt.device
+    stop = set(int(s) for s in stop_ids)
+    # Host-side stop checks need the token on the host; on CPU that is free, on CUDA it is one small sync
+    # per step, which streaming needs anyway. Without a callback or stop ids, CUDA syncs once at the end.
+    check_each_step = bool(stop) or callback is not None or device.type != "cuda"
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+
+    def accept(ids: list) -> None:
+        for row, tok in enumerate(ids):
+            if done[row]:
+                continue
+            out[row].append(tok)
+            if callback is not None:
+                callback(row, [tok])
+            if tok in stop or len(out[row]) >= max_new_tokens:
+                done[row] = True
+
+    t0 = time.perf_counter()
+    input_pos = torch.arange(start_pos, T, device=device)
+    cur, _ = prefill_step(model, prompt[:, start_pos:], input_pos, temperature, top_k, top_p)
+    cur = cur.clone()  # CUDA graphs reuse output memory on the next replay
+    accept(cur.view(-1).tolist())
+    t_first = time.perf_counter()
+
+    pos = torch.tensor([T], device=device, dtype=torch.long)
+    pending: list[Tensor] = []
+    steps = 0
+    while not all(done) and steps + 1 < max_new_tokens:
+        nxt = decode_step(model, cur, pos, temperature, top_k, top_p).clone()
+        pos += 1  # in place: the compiled step sees the same tensor, only its value changes
+        cur = nxt
+        steps += 1
+        if check_each_step:
+            accept(cur.view(-1).tolist())
+        else:
+            pending.append(cur)
+    if pending:  # one sync for the whole run; columns are steps
+        for ids in torch.cat(pending, dim=1).t().tolist():
+            accept(ids)
+    _sync(device)
+    t_end = time.perf_counter()
+    decode_s = t_end - t_first
+    stats = {
+        "prompt_tokens": T,
+        "batch_size": B,
+        "new_tokens": sum(len(r) for r in out),
+        "decode_steps": steps,
+        "time_to_first_token_s": t_first - t0,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": steps / decode_s if steps and decode_s > 0 else 0.0,
+    }
+    return out, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError: one `error: ...` line and exit 2, like every other mistake."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Generate text with a LLaMA-family checkpoint (plain or speculative decoding).")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help=f"our model.pth (default: {DEFAULT_CHECKPOINT}, prepared on first use)")
+    p.add_argument("--prompt", default=None, help='prompt text (default "Hello, my name is"; '
+                   'with --chat, the user message)')
+    p.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat/--interactive "
+                   "(replaces the template's default one)")
+    p.add_argument("--interactive", action="store_true", help="chat REPL keeping the conversation; Ctrl-D exits")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default) = greedy: deterministic, and what speculative decoding reproduces "
+                        "token for token; try 0.7 with --top-p 0.9 for varied text")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1, help="decode this many copies of the prompt at once")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile-prefill", action="store_true", help="also compile prefill (dynamic shapes)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="KV-cache slots (default: prompt + max new tokens, rounded up to 256)")
+    p.add_argument("--profile", type=Path, default=None, help="write a Chrome trace of the last sample here")
+    p.add_argument("--json", action="store_true", help="print one JSON object per sample instead of text")
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument("--speculate", action="store_true")
+    s.add_argument("--spec-method", default="eagle", choices=["eagle", "draft", "lookup"])
+    s.add_argument("--draft", type=Path, default=None, help="EAGLE draft checkpoint")
+    s.add_argument("--draft-checkpoint", type=Path, default=None, help="small draft model (--spec-method draft)")
+    s.add_argument("--tree", default="dynamic", choices=["dynamic", "static", "chain"])
+    s.add_argument("--tree-depth", type=int, default=None)
+    s.add_argument("--tree-topk", type=int, default=None)
+    s.add_argument("--tree-tokens", default=None, help="N or auto")
+    s.add_argument("--draft-vocab", type=int, default=None)
+    s.add_argument("--compare-ar", action="store_true",
+                   help="also run plain decoding on the same prompt; report speedup and token agreement")
+    return p
+
+
+def check_args(a) -> None:
+    if a.temperature < 0 or not math.isfinite(a.temperature):
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
+    if a.top_k is not None and a.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {a.top_k}")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {a.top_p}")
+    for flag in ("max_new_tokens", "num_samples", "batch_size", "max_seq_length", "tree_depth", "tree_topk",
+                 "draft_vocab"):
+        v = getattr(a, flag)
+        if v is not None and v < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if a.tree_tokens is not None and a.tree_tokens != "auto" and not (a.tree_tokens.isdigit()
+                                                                      and int(a.tree_tokens) >= 1):
+        raise UserError(f"--tree-tokens must be a positive integer or 'auto', got {a.tree_tokens!r}")
+    if a.system is not None and not (a.chat or a.interactive):
+        raise UserError("--system needs --chat or --interactive")
+    if a.interactive and (a.json or a.batch_size > 1 or a.num_samples > 1):
+        raise UserError("--interactive works with one conversation: drop --json/--batch-size/--num-samples")
+    if a.compare_ar and not a.speculate:
+        raise UserError("--compare-ar compares against --speculate; add --speculate")
+
+
+def resolve_checkpoint(path: Optional[Path]) -> Path:
+    """The --checkpoint file, or the default model, prepared on first use by scripts/download.py."""
+    if path is not None:
+        return path
+    default = ROOT / DEFAULT_CHECKPOINT
+    if default.exists():
+        return default
+    script = ROOT / "scripts" / "download.py"
+    if not script.exists():
+        raise UserError(f"default model {default} is missing and {script} is not there to prepare it; "
+                        f"pass --checkpoint")
+    print(f"preparing the default model {DEFAULT_REPO} (first run only) ...", file=sys.stderr)
+    spec = importlib.util.spec_from_file_location("eaglet_download", script)
+    download = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(download)
+    return Path(download.prepare_default_model(checkpoints_dir=ROOT / "checkpoints"))
+
+
+def cache_length(a, model, prompt_len: int) -> int:
+    """--max-seq-length, checked against the prompt and --max-new-tokens; or a default that fits them."""
+    cap = model.args.max_position_embeddings
+    slack = SPECULATIVE_SLACK if a.speculate else 0
+    needed = prompt_len + a.max_new_tokens + slack
+    if a.max_seq_length is None:
+        if a.interactive:
+            return min(cap, max(INTERACTIVE_CACHE, CACHE_ROUNDING * math.ceil(needed / CACHE_ROUNDING)))
+        if needed > cap:
+            raise UserError(f"prompt ({prompt_len} tokens) + --max-new-tokens {a.max_new_tokens}"
+                            f"{f' + {slack} speculative slack' if slack else ''} exceed the model's context "
+                            f"of {cap} tokens; shorten the prompt or lower --max-new-tokens")
+        return default_cache_length(model, needed)
+    msl = a.max_seq_length
+    if msl > cap:
+        raise UserError(f"--max-seq-length {msl} exceeds the model's context of {cap} tokens")
+    if prompt_len >= msl:
+        raise UserError(f"the prompt has {prompt_len} tokens, more than --max-seq-length {msl} leaves room "
+                        f"for; raise --max-seq-length or shorten the prompt")
+    if needed > msl and not a.interactive:
+        raise UserError(f"--max-new-tokens {a.max_new_tokens} does not fit the cache: prompt {prompt_len}"
+                        f"{f' + {slack} speculative slack' if slack else ''} + {a.max_new_tokens} > "
+                        f"--max-seq-length {msl}; raise --max-seq-length or lower --max-new-tokens")
+    return msl
+
+
+def speculative_generator(a, model, device: str, dtype) -> Callable:
+    """The one place the CLI hands over to speculative decoding (speculative.py). Returns a function with
+    generate()'s signature and return shape, so streaming, --json and stats are shared by both paths."""
+    import speculative
+    if a.batch_size != 1:
+        raise UserError("--speculate decodes one sequence at a time; drop --batch-size")
+    drafter = speculative.build_drafter(
+        a.spec_method, model, draft_path=a.draft, draft_checkpoint=a.draft_checkpoint, tree=a.tree,
+        tree_depth=a.tree_depth, tree_topk=a.tree_topk,
+        tree_tokens=a.tree_tokens if a.tree_tokens in (None, "auto") else int(a.tree_tokens),
+        draft_vocab=a.draft_vocab, device=device, dtype=dtype, compile=a.compile)
+
+    def run(model, prompt, max_new_tokens, *, callback=None, start_pos=0, **kw):
+        # start_pos is ignored: the speculative path prefills the whole prompt (its drafter needs the
+        # target's hidden states for all of it)
+        cb = None if callback is None else (lambda ids: callback(0, ids))
+        tokens, stats = speculative.speculative_generate(model, drafter, prompt, max_new_tokens,
+                                                         callback=cb, **kw)
+        stats.setdefault("batch_size", 1)
+        return [tokens], stats
+    return run
+
+
+def encode_prompt(a, tok, text: str) -> list:
+    if a.chat:
+        messages = ([{"role": "system", "content": a.system}] if a.system is not None else [])
+        return list(tok.encode_chat(messages + [{"role": "user", "content": text}]))
+    return list(tok.encode(text))
+
+
+def stats_line(stats: dict, nbytes: int, label: str = "") -> str:
+    bw = nbytes * stats["decode_tokens_per_s"] / 1e9
+    extra = f", {stats['mean_accepted']:.2f} tokens per target step" if "mean_accepted" in stats else ""
+    return (f"{label}{stats['new_tokens']} tokens (prompt {stats['prompt_tokens']}, batch "
+            f"{stats['batch_size']}), time to first token {stats['time_to_first_token_s']:.3f} s, decode "
+            f"{stats['decode_tokens_per_s']:.1f} tok/s, bandwidth {bw:.2f} GB/s "
+            f"(weights {nbytes / 1e6:.0f} MB per step, KV cache not counted){extra}")
+
+
+class _Streamer:
+    """Prints row 0's text as it is generated, dropping stop ids."""
+
+    def __init__(self, tok, stop_ids):
+        from tokenizer import StreamDecoder
+        self.dec, self.stop = StreamDecoder(tok), stop_ids
+
+    def __call__(self, row: int, ids: list) -> None:
+        if row:
+            return
+        self._write("".join(self.dec.push(i) for i in ids if i not in self.stop))
+
+    def finish(self) -> None:
+        """Print what the decoder held back (an incomplete UTF-8 character at the very end) and a newline."""
+        self._write(self.dec.flush() + "\n")
+
+    @staticmethod
+    def _write(text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+
+def _strip_stop(ids: list, stop) -> tuple[list, str]:
+    if ids and ids[-1] in stop:
+        return ids[:-1], "stop"
+    return ids, "length"
+
+
+def _profiled(path: Path, fn):
+    """Run fn under torch.profiler and write a Chrome trace to path (temp file + rename)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=False) as prof:
+        result = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    prof.export_chrome_trace(str(tmp))
+    os.replace(tmp, path)
+    print(f"profile written to {path}", file=sys.stderr)
+    return result
+
+
+def interactive(a, model, tok, gen, stop, max_seq_length: int, nbytes: int) -> None:
+    """Chat REPL. Each turn re-renders the whole conversation with the chat template; the part of it
+    already in the KV cache (everything up to the last reply's stop token) is not prefilled again."""
+    system = [{"role": "system", "content": a.system}] if a.system is not None else []
+    messages = list(system)
+    cached: list[int] = []  # token ids whose keys/values sit in cache slots 0..len-1
+    reuse = not a.speculate
+    first = a.prompt
+    print("chat: type a message, Ctrl-D to quit", file=sys.stderr)
+    while True:
+        if first is not None:
+            user, first = first, None
+            print(f"> {user}", flush=True)
+        else:
+            try:
+                user = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        ids = list(tok.encode_chat(messages))
+        if len(ids) >= max_seq_length:
+            print(f"(the conversation no longer fits the {max_seq_length}-token cache; starting a new one; "
+                  f"use --max-seq-length for longer chats)", file=sys.stderr)
+            messages, cached = system + [messages[-1]], []
+            ids = list(tok.encode_chat(messages))
+            if len(ids) >= max_seq_length:
+                print(f"(that message alone is {len(ids)} tokens, more than the cache holds)", file=sys.stderr)
+                messages = list(system)
+                continue
+        start = 0
+        if reuse:
+            while start < min(len(cached), len(ids) - 1) and cached[start] == ids[start]:
+                start += 1
+        max_new = min(a.max_new_tokens, max_seq_length - len(ids))
+        prompt = torch.tensor(ids, device=a.device_resolved)
+        streamer = _Streamer(tok, stop)
+        tokens, stats = gen(model, prompt, max_new, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            stop_ids=stop, callback=streamer, start_pos=start)
+        reply, _ = _strip_stop(tokens[0], stop)
+        streamer.finish()
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
+        cached = ids + tokens[0][:-1]  # the last sampled token was never fed to the model
+        print(stats_line(stats, nbytes), file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
+    check_args(a)
+    device = resolve_device(a.device)
+    a.device_resolved = device
+    dtype = DTYPES[a.dtype]
+    if a.seed is not None:
+        torch.manual_seed(a.seed)
+    ckpt = resolve_checkpoint(a.checkpoint)
+    model, tok = load_target(ckpt, device, dtype)
+    stop = set(tok.stop_ids) | set(model.args.eos_token_ids)
+    nbytes = model_bytes(model)
+    if a.interactive:
+        a.chat = True
+    text = a.prompt if a.prompt is not None else "Hello, my name is"
+
+    ids = encode_prompt(a, tok, text)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens; give a non-empty --prompt")
+    msl = cache_length(a, model, len(ids))
+    model.setup_caches(a.batch_size, msl)
+
+    gen = speculative_generator(a, model, device, dtype) if a.speculate else generate
+    if a.compile:
+        compile_decode()
+    if a.compile_prefill:
+        compile_prefill()
+    if a.compile or a.compile_prefill:
+        t = time.perf_counter()
+        warm = torch.tensor(ids, device=device).expand(a.batch_size, -1)
+        gen(model, warm, min(8, a.max_new_tokens), temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+        print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        if a.seed is not None:  # so a compiled run samples what an eager run with this seed samples
+            torch.manual_seed(a.seed)
+
+    if a.interactive:
+        return interactive(a, model, tok, gen, stop, msl, nbytes)
+
+    prompt = torch.tensor(ids, device=device).expand(a.batch_size, -1).contiguous()
+    stream = not a.json and a.batch_size == 1
+    for i in range(a.num_samples):
+        streamer = _Streamer(tok, stop) if stream else None
+
+        def one():
+            return gen(model, prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                       top_p=a.top_p, stop_ids=stop, callback=streamer)
+        if a.profile is not None and i == a.num_samples - 1:
+            tokens, stats = _profiled(a.profile, one)
+        else:
+            tokens, stats = one()
+        label = f"[sample {i + 1}/{a.num_samples}] " if a.num_samples > 1 else ""
+        if a.json:
+            for row, toks in enumerate(tokens):
+                kept, reason = _strip_stop(toks, stop)
+                rec = {"sample": i, "row": row, "text": tok.decode(kept), "tokens": kept,
+                       "new_tokens": len(kept), "finish_reason": reason, "prompt_tokens": len(ids),
+                       "decode_tokens_per_s": stats["decode_tokens_per_s"],
+                       "time_to_first_token_s": stats["time_to_first_token_s"],
+                       "bandwidth_gb_s": nbytes * stats["decode_tokens_per_s"] / 1e9}
+                rec.update({k: v for k, v in stats.items() if k not in rec and k != "new_tokens"})
+                print(json.dumps(rec), flush=True)
+        elif stream:
+            streamer.finish()
+        else:
+            for row, toks in enumerate(tokens):
+                print(f"--- row {row}\n{tok.decode(_strip_stop(toks, stop)[0])}", flush=True)
+        print(stats_line(stats, nbytes, label), file=sys.stderr)
+        if a.compare_ar:
+            use_prompt = prompt
+            ar_tokens, ar_stats = generate(model, use_prompt, a.max_new_tokens, temperature=a.temperature,
+                                           top_k=a.top_k, top_p=a.top_p, stop_ids=stop)
+            same = sum(x == y for r1, r2 in zip(tokens, ar_tokens) for x, y in zip(r1, r2))
+            total = max(1, sum(max(len(r1), len(r2)) for r1, r2 in zip(tokens, ar_tokens)))
+            speedup = stats["decode_tokens_per_s"] and ar_stats["decode_tokens_per_s"] and \
+                stats["decode_tokens_per_s"] / ar_stats["decode_tokens_per_s"]
+            print(stats_line(ar_stats, nbytes, "plain decoding: ") +
+                  f"; speculative speedup {speedup:.2f}x, token agreement {same}/{total}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

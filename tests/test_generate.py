@@ -1,0 +1,233 @@
+"""generate.py: the plain decode loop against transformers, batching, stops, cache limits, torch.compile,
+and the CLI end to end on a tiny checkpoint with a tiny tokenizer."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate
+import tiny
+from checkpoint import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = [1, 5, 9, 33, 100, 7, 64]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "model.pth"
+    return tiny.write_checkpoint(path)
+
+
+@pytest.fixture
+def model(tiny_ckpt):
+    generate.use_eager()
+    return load_model(tiny_ckpt[0], "cpu", torch.float32)
+
+
+def hf_greedy(hf, prompt, n):
+    hf.generation_config.eos_token_id = None  # run the full n tokens, as generate() does without stop ids
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_greedy_matches_transformers(tmp_path, tied):
+    path, hf, _ = tiny.write_checkpoint(tmp_path / "m.pth", tie_word_embeddings=tied, num_key_value_heads=2)
+    m = load_model(path, "cpu", torch.float32)
+    tokens, stats = generate.generate(m, torch.tensor(PROMPT), 32)
+    assert tokens[0] == hf_greedy(hf, PROMPT, 32)
+    assert stats["new_tokens"] == 32 and stats["decode_steps"] == 31 and stats["prompt_tokens"] == len(PROMPT)
+    assert stats["decode_tokens_per_s"] > 0 and stats["time_to_first_token_s"] > 0
+
+
+def test_batch_equals_single_rows(model):
+    a, b = PROMPT, [3, 200, 17, 8, 8, 150, 42]
+    batch, _ = generate.generate(model, torch.tensor([a, b]), 24)
+    single = [generate.generate(model, torch.tensor(p), 24)[0][0] for p in (a, b)]
+    assert batch == single
+    assert batch[0] != batch[1]  # otherwise the test could not tell the rows apart
+
+
+def test_stops_at_stop_id_per_row(model):
+    a, b = PROMPT, [3, 200, 17, 8, 8, 150, 42]
+    free = [generate.generate(model, torch.tensor(p), 24)[0][0] for p in (a, b)]
+    stop = free[0][4]  # a token row 0 produces early; row 1 may or may not produce it
+    tokens, stats = generate.generate(model, torch.tensor([a, b]), 24, stop_ids=[stop])
+    for row, full in zip(tokens, free):
+        want = full[:full.index(stop) + 1] if stop in full else full
+        assert row == want
+    assert tokens[0][-1] == stop and len(tokens[0]) <= 5
+    assert stats["new_tokens"] == len(tokens[0]) + len(tokens[1])
+
+
+def test_callback_streams_every_token(model):
+    seen = []
+    tokens, _ = generate.generate(model, torch.tensor(PROMPT), 10, callback=lambda row, ids: seen.extend(ids))
+    assert seen == tokens[0] and len(seen) == 10
+
+
+def test_max_new_tokens_and_cache_end(model):
+    for n in (1, 2, 9):
+        assert len(generate.generate(model, torch.tensor(PROMPT), n)[0][0]) == n
+    # A cache exactly prompt + n long is used as is (no reallocation) and suffices.
+    n = 20
+    model.setup_caches(1, len(PROMPT) + n)
+    k_cache = model.layers[0].attention.kv_cache.k_cache
+    tokens, _ = generate.generate(model, torch.tensor(PROMPT), n)
+    assert model.layers[0].attention.kv_cache.k_cache is k_cache and len(tokens[0]) == n
+    # One more token does not fit: generate allocates a larger cache (rounded to 256) instead of
+    # writing past the end, and the tokens are the same.
+    longer, _ = generate.generate(model, torch.tensor(PROMPT), n + 1)
+    assert model.max_seq_length == 256 and longer[0][:n] == tokens[0]
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate.generate(model, torch.tensor(PROMPT), 600)
+
+
+def test_start_pos_reuses_cached_prefix(model):
+    first, _ = generate.generate(model, torch.tensor(PROMPT), 6)
+    # the next "turn": the previous prompt + reply (all but the last token are in the cache) + new text
+    follow = PROMPT + first[0] + [11, 12]
+    cached = len(PROMPT) + len(first[0]) - 1
+    reused, _ = generate.generate(model, torch.tensor(follow), 8, start_pos=cached)
+    fresh, _ = generate.generate(model, torch.tensor(follow), 8)
+    assert reused == fresh
+
+
+def test_sampling_uses_shared_sampler(model):
+    greedy, _ = generate.generate(model, torch.tensor(PROMPT), 12)
+    top1, _ = generate.generate(model, torch.tensor(PROMPT), 12, temperature=1.0, top_k=1)
+    assert top1 == greedy
+    torch.manual_seed(3)
+    s1, _ = generate.generate(model, torch.tensor(PROMPT), 12, temperature=5.0)
+    torch.manual_seed(3)
+    s2, _ = generate.generate(model, torch.tensor(PROMPT), 12, temperature=5.0)
+    assert s1 == s2 and s1 != greedy  # at temperature 5 the random draws leave the greedy path
+
+
+def test_compiled_decode_matches_eager_without_recompiles(tiny_ckpt):
+    """One Inductor compile per test session (tens of seconds on a small CPU)."""
+    from torch._dynamo.utils import counters
+    m = load_model(tiny_ckpt[0], "cpu", torch.float32)
+    prompt = torch.tensor(PROMPT)
+    m.setup_caches(1, 256)
+    generate.use_eager()
+    eager, _ = generate.generate(m, prompt, 200)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        generate.compile_decode()
+        warm, _ = generate.generate(m, prompt, 200)  # compiles here
+        assert counters["stats"]["unique_graphs"] >= 1
+        counters.clear()
+        again, _ = generate.generate(m, prompt, 200)
+        assert counters["stats"]["unique_graphs"] == 0 and not counters["recompiles"]
+    finally:
+        generate.use_eager()
+    assert warm == eager and again == eager
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI end to end (subprocess) on a tiny checkpoint directory with a tiny tokenizer
+# ---------------------------------------------------------------------------------------------------
+
+def run_cli(*args, timeout=240):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+          "You are a tiny test model.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_model_dir(d, vocab_size=320):
+    """A checkpoint directory like a converted hub model: model.pth + config.json + a byte-level BPE
+    tokenizer.json (trained here on a few sentences) + tokenizer_config.json with a ChatML template.
+    Special tokens take ids 0-2 as in SmolLM2, so the config's eos_token_id=2 is <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                  "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["the cat sat on the mat", "what is the capital of France? Paris is.", "hello there, and again",
+            "a tiny model says tiny things", "be brief and kind"] * 20
+    tok.train_from_iterator(text, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "tokenizer_class": "GPT2Tokenizer", "add_bos_token": False}))
+    cfg = tiny.tiny_config(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
+    (d / "config.json").write_text(json.dumps(cfg))
+    tiny.write_checkpoint(d / "model.pth", cfg)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    pytest.importorskip("tokenizer", reason="tokenizer.py has not landed")
+    return write_tiny_model_dir(tmp_path_factory.mktemp("cli"))
+
+
+def test_cli_streams_text_matching_json(tiny_dir):
+    ckpt = str(tiny_dir / "model.pth")
+    common = ["--checkpoint", ckpt, "--prompt", "the cat sat", "--max-new-tokens", "20", "--dtype", "fp32",
+              "--device", "cpu"]
+    js = run_cli(*common, "--json")
+    assert js.returncode == 0, js.stderr
+    rec = json.loads(js.stdout.strip().splitlines()[-1])
+    for key in ("text", "tokens", "new_tokens", "decode_tokens_per_s", "time_to_first_token_s",
+                "bandwidth_gb_s", "prompt_tokens", "finish_reason"):
+        assert key in rec
+    assert rec["new_tokens"] == len(rec["tokens"]) and rec["new_tokens"] <= 20
+    plain = run_cli(*common)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.rstrip("\n") == rec["text"]
+    assert "tok/s" in plain.stderr and "GB/s" in plain.stderr and "time to first token" in plain.stderr
+
+
+def test_cli_chat_batch_and_samples(tiny_dir):
+    ckpt = str(tiny_dir / "model.pth")
+    r = run_cli("--checkpoint", ckpt, "--chat", "--system", "be brief", "--prompt", "hi", "--json",
+                "--max-new-tokens", "8", "--batch-size", "2", "--num-samples", "2", "--temperature", "0.8",
+                "--top-k", "50", "--top-p", "0.9", "--seed", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [(x["sample"], x["row"]) for x in recs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(x["new_tokens"] <= 8 for x in recs)
+
+
+def test_cli_speculative_lookup_matches_plain(tiny_dir):
+    common = ["--checkpoint", str(tiny_dir / "model.pth"), "--prompt", "the cat sat on the mat, the cat sat",
+              "--max-new-tokens", "16", "--dtype", "fp32", "--device", "cpu", "--json"]
+    plain = run_cli(*common)
+    spec = run_cli(*common, "--speculate", "--spec-method", "lookup", "--compare-ar")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert json.loads(spec.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
+    assert "speculative speedup" in spec.stderr and "tokens per target step" in spec.stderr
+
+
+def test_cli_interactive_two_turns(tiny_dir):
+    ckpt = str(tiny_dir / "model.pth")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint", ckpt,
+                        "--interactive", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32"],
+                       input="hello there\nand again\n", capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("tok/s") == 2
+
+
+def test_real_model_knows_paris(request):
+    try:
+        model_dir = request.getfixturevalue("smollm2_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("no smollm2_dir fixture")
+    ckpt = os.path.join(str(model_dir), "model.pth")
+    model, tok = generate.load_target(ckpt, "cpu", torch.float32)
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    tokens, _ = generate.generate(model, torch.tensor(ids), 20, stop_ids=tok.stop_ids)
+    assert "Paris" in tok.decode(tokens[0])
