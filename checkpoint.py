@@ -107,8 +107,9 @@ def load_model(path, device="cpu", dtype=torch.bfloat16) -> Transformer:
         import quantize  # only quantized files need it
         quantize.swap_linears(model, quant)
     sd = dict(ckpt["state_dict"])
-    if args.tie_embeddings:
-        sd.pop("output.weight", None)
+    if args.tie_embeddings and "output.weight" not in sd and "tok_embeddings.weight" in sd:
+        # the module registers the tied weight under both names, so strict loading wants both
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
