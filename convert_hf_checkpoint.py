@@ -150,6 +150,11 @@ def _iter_shard(fmt: str, path: Path, wanted: set):
     del sd
 
 
+def _missing(names: list, d: Path) -> UserError:
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return UserError(f"tensor {names[0]} is missing from {d}{more} (the checkpoint does not match its config.json)")
+
+
 def convert_hf_checkpoint(checkpoint_dir, output=None, progress: bool = True) -> Path:
     """Convert the HF checkpoint in `checkpoint_dir`; write `output` (default DIR/model.pth). Returns its path.
     Raises UserError (one line) for a missing directory, an unsupported config, a missing or misshapen
@@ -172,9 +177,7 @@ def convert_hf_checkpoint(checkpoint_dir, output=None, progress: bool = True) ->
     if None not in files:  # names known up front: report a missing tensor before reading gigabytes
         missing = sorted(needed - files.keys())
         if missing:
-            raise UserError(f"tensor {missing[0]} is missing from {d}" +
-                            (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
-                            " (the checkpoint does not match its config.json)")
+            raise _missing(missing, d)
         shards = sorted({files[h] for h in needed})
     else:
         shards = [files[None]]
@@ -202,9 +205,7 @@ def convert_hf_checkpoint(checkpoint_dir, output=None, progress: bool = True) ->
                     state_dict[ours] = (torch.cat(ts) if len(ts) > 1 else ts[0]).contiguous()
         missing = sorted(needed - seen)
         if missing:
-            raise UserError(f"tensor {missing[0]} is missing from {d}" +
-                            (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
-                            " (the checkpoint does not match its config.json)")
+            raise _missing(missing, d)
     except BaseException:
         bar.leave = False  # wipe the bar so the error is the last thing on the terminal
         raise
