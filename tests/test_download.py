@@ -274,8 +274,12 @@ def test_interrupted_download_leaves_nothing_and_resumes(tmp_path, hub, capsys):
 
 
 def http_error(cls, status):
-    import httpx2
-    resp = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+    # The HTTP client huggingface_hub is built on (httpx, or its fork in newer releases) makes the response.
+    http = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
+    resp = http.Response(status, request=http.Request("GET", "https://huggingface.co/api/models/x"))
     return cls(f"{status} Client Error", response=resp)
 
 
