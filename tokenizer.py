@@ -14,7 +14,7 @@ Chat prompts are rendered by the model's own Jinja `chat_template` in a sandboxe
 transformers' (trim_blocks, lstrip_blocks, raise_exception, strftime_now, a tojson that does not escape HTML),
 so `--chat` feeds the model the very text it was fine-tuned on, default system prompts included. Models that
 ship no template get the official llama2 `[INST]`, llama3 header or ChatML template, chosen by which special
-tokens the vocabulary has.
+tokens the vocabulary has (Vicuna's, which no file can reveal, by name: chat_template="vicuna").
 
 `encode` recognises special-token text (`<|eot_id|>`, `<s>`, ...) as the special token, like transformers does,
 so a rendered chat prompt encodes to the ids the model saw in training. `StreamDecoder` turns ids into text one
@@ -296,7 +296,7 @@ class StreamDecoder:
         self.tok = tokenizer
         self.skip_special = skip_special
         self.ids: list[int] = []
-        self._prefix = 0  # window start: the token before the text not yet returned
+        self._prefix = 0  # window start: the first token of the last returned chunk, decoded as context
         self._read = 0    # tokens [0, _read) have been returned as text
 
     def push(self, token_id: int) -> str:
