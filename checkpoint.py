@@ -42,6 +42,12 @@ def run_cli(main):
         sys.exit(130)
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +55,7 @@ def atomic_save(obj, path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; the result should look like any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -63,6 +70,7 @@ def atomic_write_text(path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -115,7 +123,7 @@ def load_model(path, device="cpu", dtype=torch.bfloat16) -> Transformer:
     except RuntimeError as e:
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
         raise UserError(f"weights in {path} do not match its config: {first.strip()[:300]}")
-    if args.tie_embeddings:
+    if args.tie_embeddings and isinstance(model.output, torch.nn.Linear):  # a quantized head is its own copy
         model.output.weight = model.tok_embeddings.weight
     model = model.to(device=device)
     # Float weights take the requested dtype; quantized weights keep their integer storage.
