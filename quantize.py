@@ -119,6 +119,14 @@ def dequantize_int4(q: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tens
     return ((q.reshape(out, k // groupsize, groupsize).float() - 8) * s + z).reshape(out, k)
 
 
+def dequantized_weight(state_dict: dict, name: str, record: dict, in_features: int) -> Tensor:
+    """float32 [out, in] weight that the quantized tensors of linear `name` in a file's state dict stand for."""
+    if record["mode"] == "int8":
+        return state_dict[f"{name}.weight"].float() * state_dict[f"{name}.scales"].float()[:, None]
+    q = unpack_int4(state_dict[f"{name}.weight"])
+    return dequantize_int4(q, state_dict[f"{name}.scales_and_zeros"], record["groupsize"])[:, :in_features]
+
+
 def check_groupsize(groupsize: int) -> None:
     if groupsize not in GROUPSIZES:
         raise UserError(f"--groupsize {groupsize} is not supported; use one of {', '.join(map(str, GROUPSIZES))}")
@@ -493,7 +501,7 @@ def sharegpt_texts(start: int, count: int, min_chars: int = 200) -> list[str]:
                         return texts
                     buf, i = buf[i:] + more, 0
             i = j
-            turns = rec.get("conversations") or [] if isinstance(rec, dict) else []
+            turns = (rec.get("conversations") or []) if isinstance(rec, dict) else []
             text = "\n\n".join(t.get("value", "") for t in turns if isinstance(t, dict))
             if len(text) < min_chars:
                 continue
@@ -508,7 +516,7 @@ def _encoder(ckpt_path: Path):
     try:
         from tokenizer import load_tokenizer
         tok = load_tokenizer(d)
-        return lambda s: list(tok.encode(s))
+        return lambda s: list(tok.encode(s, bos=False))
     except ImportError:
         pass
     if not (d / "tokenizer.json").exists():
@@ -532,10 +540,10 @@ def token_chunks(texts: list[str], encode, n: int, seq_len: int) -> list[Tensor]
 
 
 def calibration_chunks(ckpt_path: Path, n: int, seq_len: int, calib_file: Optional[Path]) -> list[Tensor]:
+    if calib_file is not None and not Path(calib_file).is_file():
+        raise UserError(f"--calib-file {calib_file} does not exist")
     encode = _encoder(ckpt_path)
     if calib_file is not None:
-        if not Path(calib_file).exists():
-            raise UserError(f"--calib-file {calib_file} does not exist")
         texts = [Path(calib_file).read_text(encoding="utf-8", errors="replace")]
     else:
         texts = sharegpt_texts(0, max(4 * n, 64))
@@ -624,15 +632,25 @@ def output_path(ckpt: Path, mode: str, groupsize: Optional[int]) -> Path:
 
 
 def draft_module(ckpt: dict) -> nn.Module:
-    """The draft network described by a draft checkpoint (built by eagle_draft.py)."""
+    """The (meta-device) draft network a draft checkpoint describes, to find its linear layers by name."""
     try:
         import eagle_draft
     except ImportError:
         raise UserError("quantizing a draft needs eagle_draft.py, which is not in this checkout")
-    build = getattr(eagle_draft, "build_draft", None) or getattr(eagle_draft, "draft_from_checkpoint", None)
-    if build is None:
-        raise UserError("eagle_draft.py has no build_draft(ckpt) to build the draft network from its checkpoint")
-    return build(ckpt)
+    from model import ModelArgs
+    cfg, sd = ckpt.get("config") or {}, ckpt["state_dict"]
+    t = cfg.get("target") or {}
+    try:
+        n_head = t["num_attention_heads"]
+        args = ModelArgs(dim=t["hidden_size"], n_layer=1, n_head=n_head,
+                         n_local_heads=t.get("num_key_value_heads") or n_head,
+                         head_dim=t.get("head_dim") or t["hidden_size"] // n_head,
+                         intermediate_size=t["intermediate_size"], vocab_size=t["vocab_size"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"draft checkpoint config lacks the target's {e}; re-save it with eagle_draft.save_draft")
+    with torch.device("meta"):
+        return eagle_draft.EagleDraft(args, fc_bias=bool(cfg.get("fc_bias", "fc.bias" in sd)),
+                                      draft_vocab=sd.get("d2t"))
 
 
 def quantize_checkpoint(src: Path, mode: str, groupsize: Optional[int], dst: Optional[Path] = None,
@@ -702,6 +720,8 @@ def check_args(a) -> None:
     for name in ("calib_samples", "calib_seq_len", "eval_tokens", "eval_seq_len"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if a.calib_file is not None and not a.calib_file.is_file():
+        raise UserError(f"--calib-file {a.calib_file} does not exist")
     if a.dtype not in ("bfloat16", "float32"):
         raise UserError(f"--dtype {a.dtype!r}: use bfloat16 or float32")
 

@@ -161,21 +161,19 @@ def test_gptq_transformer_layer_by_layer(tmp_path):
 
 # ----------------------------------------------------------------------------- files: quantize → load → run
 
-def dequantized_reference(path, qpath):
-    """The float model with each linear replaced by its dequantized weights: what the quantized model must
-    compute up to float rounding."""
-    ref = load_model(path, "cpu", torch.float32)
-    qsd = read_checkpoint(qpath)["state_dict"]
-    quant = read_checkpoint(qpath)["quantization"]
-    for name in quant["linears"]:
+def dequantize_into(ref: nn.Module, qpath) -> nn.Module:
+    """Replace each quantized linear of a float module by its dequantized weights: what the quantized
+    module must compute up to float rounding."""
+    ck = torch.load(qpath, weights_only=True)
+    for name in ck["quantization"]["linears"]:
         lin = ref.get_submodule(name)
-        if quant["mode"] == "int8":
-            w = qsd[f"{name}.weight"].float() * qsd[f"{name}.scales"].float()[:, None]
-        else:
-            w = dequantize_int4(unpack_int4(qsd[f"{name}.weight"]), qsd[f"{name}.scales_and_zeros"],
-                                quant["groupsize"])[:, :lin.in_features]
+        w = quantize.dequantized_weight(ck["state_dict"], name, ck["quantization"], lin.in_features)
         lin.weight = nn.Parameter(w, requires_grad=False)   # also unties a tied head, like the file
     return ref
+
+
+def dequantized_reference(path, qpath):
+    return dequantize_into(load_model(path, "cpu", torch.float32), qpath)
 
 
 def greedy(model, prompt, n):
@@ -275,14 +273,29 @@ def test_draft_like_module_roundtrip():
         ref.load_state_dict(draft.state_dict())
         for name in record["linears"]:
             lin = ref.get_submodule(name)
-            if mode == "int8":
-                w = qsd[f"{name}.weight"].float() * qsd[f"{name}.scales"].float()[:, None]
-            else:
-                w = dequantize_int4(unpack_int4(qsd[f"{name}.weight"]), qsd[f"{name}.scales_and_zeros"], g)
-            lin.weight = nn.Parameter(w[:, :lin.in_features])
+            lin.weight = nn.Parameter(quantize.dequantized_weight(qsd, name, record, lin.in_features))
         x = torch.randn(3, 2 * args.dim)
         with torch.no_grad():
             assert rel_err(fresh(x), ref(x)) < 1e-4
+
+
+@torch.no_grad()
+def test_eagle_draft_checkpoint_roundtrip(tmp_path):
+    eagle_draft = pytest.importorskip("eagle_draft")
+    path, _, cfg = write_checkpoint(tmp_path / "model.pth")
+    target = load_model(path, "cpu", torch.float32)
+    torch.manual_seed(0)
+    eagle_draft.save_draft(eagle_draft.EagleDraft(target.args), tmp_path / "draft.pth", cfg)
+    r = run_cli("--checkpoint", tmp_path / "draft.pth", "--draft", "--mode", "int4", "--groupsize", "32")
+    assert r.returncode == 0, r.stderr
+    qpath = tmp_path / "draft_int4.g32.pth"
+    qd = eagle_draft.load_draft(qpath, target, "cpu", torch.float32)
+    assert isinstance(qd.fc, WeightOnlyInt4Linear) and isinstance(qd.layer.feed_forward.w2, WeightOnlyInt4Linear)
+    ref = dequantize_into(eagle_draft.load_draft(tmp_path / "draft.pth", target, "cpu", torch.float32), qpath)
+    feats, toks = torch.randn(1, 5, cfg["hidden_size"]), torch.randint(0, 256, (1, 5))
+    assert rel_err(qd(feats, toks), ref(feats, toks)) < 1e-4
+    assert_one_line_error(run_cli("--checkpoint", tmp_path / "draft.pth", "--draft", "--mode", "int4-gptq"),
+                          "GPTQ")
 
 
 # ----------------------------------------------------------------------------- clear errors
@@ -300,18 +313,37 @@ def assert_one_line_error(r, *words):
         assert w in lines[0], lines[0]
 
 
-def test_cli_writes_file_and_rejects_bad_flags(tmp_path):
+def cli_in_process(capsys, *args):
+    """The CLI's main under checkpoint.run_cli without a new interpreter (each costs seconds of import)."""
+    from checkpoint import run_cli as wrap
+    capsys.readouterr()
+    try:
+        wrap(lambda: quantize.main([str(a) for a in args]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_cli_writes_file_and_rejects_bad_flags(tmp_path, capsys):
     path, _, _ = write_checkpoint(tmp_path / "model.pth")
-    r = run_cli("--checkpoint", path, "--mode", "int4", "--groupsize", "64")
+    r = run_cli("--checkpoint", path, "--mode", "int4", "--groupsize", "64")     # the real entry point
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "model_int4.g64.pth").exists()
     assert not list(tmp_path.glob(".*tmp"))                         # atomic write leaves no temp file
     assert_one_line_error(run_cli("--checkpoint", path, "--mode", "int4", "--groupsize", "48"), "groupsize")
-    assert_one_line_error(run_cli("--checkpoint", path, "--mode", "int3"), "int3")
-    assert_one_line_error(run_cli("--checkpoint", tmp_path / "nope.pth"), "not found")
-    assert_one_line_error(run_cli("--checkpoint", tmp_path / "model.pth", "--eval", "--modes", "int2"), "int2")
-    assert_one_line_error(run_cli("--checkpoint", tmp_path / "model_int4.g64.pth", "--mode", "int8"),
+    cli = lambda *a: cli_in_process(capsys, *a)                     # noqa: E731
+    assert_one_line_error(cli("--checkpoint", path, "--mode", "int3"), "int3")
+    assert_one_line_error(cli("--checkpoint", tmp_path / "nope.pth"), "not found")
+    assert_one_line_error(cli("--checkpoint", path, "--eval", "--modes", "int2"), "int2")
+    assert_one_line_error(cli("--checkpoint", tmp_path / "model_int4.g64.pth", "--mode", "int8"),
                           "already quantized")
+    assert_one_line_error(cli("--checkpoint", path, "--mode", "int4-gptq", "--calib-file", tmp_path / "none.txt"),
+                          "calib-file")
+    r = cli("--checkpoint", path, "--mode", "int8", "--output", tmp_path / "renamed.pth")
+    assert r.returncode == 0 and "renamed.pth" in r.stdout
+    assert read_checkpoint(tmp_path / "renamed.pth")["quantization"]["mode"] == "int8"   # renamed: still known
 
 
 def test_corrupt_and_mismatched_files(tmp_path):
