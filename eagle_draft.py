@@ -211,3 +211,149 @@ def load_draft(path, target: M.Transformer, device="cpu", dtype=torch.bfloat16) 
 
 # --- training ---
 # (losses and data format: owned by scripts/train_eagle.py's engineer; appended below this line)
+# The data format and the EAGLE-1 objective. scripts/train_eagle.py drives them; they live here so that
+# whoever changes the draft network sees, in the same file, what it is trained on.
+#
+# A data shard (safetensors) packs `n` sequences end to end:
+#     tokens    int32   [total]        token ids in the target's vocabulary
+#     hidden    bf16    [total, dim]   the target's final *normed* hidden state at each token (its feature)
+#     loss_mask uint8   [total]        1 on assistant tokens (incl. their end-of-turn token), 0 elsewhere
+#     offsets   int64   [n + 1]        sequence i is rows offsets[i]:offsets[i+1]
+# Packing (not padding) keeps shards small; the trainer pads per batch.
+#
+# Alignment (EAGLE-1): draft position t reads (f_t, x_{t+1}) and predicts f_{t+1}, hence, through the
+# frozen head, the token x_{t+2}. At decode time the draft only ever starts from a token the target has
+# already produced inside the answer, so position t is trained iff x_{t+1} is an assistant token.
+
+import torch.nn.functional as F  # noqa: E402  (only the losses need it)
+
+SHARD_KEYS = ("tokens", "hidden", "loss_mask", "offsets")
+
+
+def pack_sequences(seqs) -> dict:
+    """[(tokens [T] int, hidden [T, D], loss_mask [T] bool)] → the tensors of one shard."""
+    lengths = [len(t) for t, _, _ in seqs]
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return {
+        "tokens": torch.cat([torch.as_tensor(t, dtype=torch.int32) for t, _, _ in seqs]),
+        "hidden": torch.cat([h.to(torch.bfloat16).cpu() for _, h, _ in seqs]).contiguous(),
+        "loss_mask": torch.cat([torch.as_tensor(m, dtype=torch.uint8) for _, _, m in seqs]),
+        "offsets": offsets,
+    }
+
+
+def unpack_sequences(tensors: dict) -> list:
+    """The inverse of pack_sequences: [(tokens int64 [T], hidden bf16 [T, D], loss_mask bool [T])] (views)."""
+    missing = [k for k in SHARD_KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"shard lacks {', '.join(missing)}")
+    off = tensors["offsets"].tolist()
+    tok, hid, msk = tensors["tokens"].long(), tensors["hidden"], tensors["loss_mask"].bool()
+    if off[-1] != len(tok) or len(hid) != len(tok) or len(msk) != len(tok):
+        raise ValueError("shard tensors disagree in length")
+    return [(tok[a:b], hid[a:b], msk[a:b]) for a, b in zip(off[:-1], off[1:])]
+
+
+def pad_batch(seqs, device="cpu"):
+    """Right-pad sequences to the longest: (features [B,T,D] bf16, tokens [B,T], loss_mask [B,T] bool).
+    Right padding is harmless under causal attention: real positions never see the pads."""
+    T = max(len(t) for t, _, _ in seqs)
+    B, D = len(seqs), seqs[0][1].shape[-1]
+    feats = torch.zeros(B, T, D, dtype=torch.bfloat16)
+    toks = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, (t, h, m) in enumerate(seqs):
+        n = len(t)
+        feats[i, :n], toks[i, :n], mask[i, :n] = h, t, m
+    return feats.to(device), toks.to(device), mask.to(device)
+
+
+def draft_vocab_from_counts(counts: Tensor, n: int, keep_ids=()) -> Tensor:
+    """The draft vocabulary: the `keep_ids` (stop tokens) plus the most frequent ids → d2t [n].
+    A token outside it can never be drafted, so frequency in the training answers is what matters."""
+    vocab = counts.numel()
+    n = min(n, vocab)
+    keep = [i for i in dict.fromkeys(int(k) for k in keep_ids) if 0 <= i < vocab][:n]
+    score = counts.double().clone()
+    score[keep] = float("inf")
+    return torch.topk(score, n).indices          # most frequent first, as EagleDraft documents d2t
+
+
+def eagle_loss(draft, feats: Tensor, tokens: Tensor, loss_mask: Tensor, noise: float = 0.0,
+               w_cls: float = 0.1, generator=None) -> tuple:
+    """EAGLE-1 objective on a padded batch. feats [B,T,D] (target features), tokens [B,T], loss_mask [B,T].
+
+    loss = SmoothL1(f̂_{t+1}, f_{t+1}) + w_cls · CE(softmax(head(f_{t+1})), head(f̂_{t+1}))
+    over positions whose input token x_{t+1} is an assistant token. The soft labels come from the same
+    frozen head the draft uses (restricted to the draft vocabulary when it has one), so the draft is
+    taught the target's whole next-token distribution, not only the sampled token. Uniform noise on the
+    input features stands in for the error the draft's own predicted features carry at depth > 1.
+    Returns (loss, {"reg": ..., "cls": ..., "acc": top-1 agreement on the draft vocab, "n": positions}).
+    """
+    f_in, f_next = feats[:, :-1], feats[:, 1:]
+    x_next = tokens[:, 1:]
+    w = loss_mask[:, 1:].float()
+    if noise > 0:
+        # the generator lives on the training device, so a resumed run replays the same noise
+        u = torch.rand(f_in.shape, generator=generator, device=f_in.device)
+        f_in = f_in + ((u - 0.5) * noise).to(f_in.dtype)
+    pred = draft(f_in, x_next)
+    denom = w.sum().clamp_min(1.0)
+    reg = (F.smooth_l1_loss(pred.float(), f_next.float(), reduction="none").mean(-1) * w).sum() / denom
+    with torch.no_grad():
+        target_logits = draft.logits(f_next).float()
+        target_p = target_logits.softmax(-1)
+    logp = draft.logits(pred).float().log_softmax(-1)
+    cls = (-(target_p * logp).sum(-1) * w).sum() / denom
+    loss = reg + w_cls * cls
+    with torch.no_grad():
+        acc = ((logp.argmax(-1) == target_logits.argmax(-1)).float() * w).sum() / denom
+    return loss, {"reg": reg.detach(), "cls": cls.detach(), "acc": acc, "n": w.sum()}
+
+
+@torch.no_grad()
+def chain_acceptance(draft, target_head, feats: Tensor, tokens: Tensor, starts, depth: int = 5) -> Tensor:
+    """Simulated greedy chain drafting on one recorded sequence: for each start t, the draft runs
+    autoregressively on its *own* features and tokens for `depth` steps from (f_0..f_t, x_1..x_{t+1}), as at
+    decode time, and step k is accepted while its token equals the target's greedy token after the accepted
+    prefix. The target's features are only known along the recorded tokens, so a chain whose accepted
+    tokens leave the recording is stopped there (a lower bound; exact for greedy self-distilled data).
+
+    feats [T, D], tokens [T] (one sequence), starts: positions t with t + 1 < T. target_head maps a feature to
+    the target's full-vocabulary logits. Returns accepted draft tokens per start [len(starts)] (0..depth);
+    τ = 1 + mean (the target always adds one token per verification).
+    """
+    device = feats.device
+    T = feats.shape[0]
+    greedy = target_head(feats).argmax(-1)            # greedy[t] = target's choice of x_{t+1}
+    starts = [int(s) for s in starts if int(s) + 1 < T]
+    n = len(starts)
+    L = max(starts) + 1 + depth
+    D = feats.shape[-1]
+    f = torch.zeros(n, L, D, dtype=feats.dtype, device=device)
+    x = torch.zeros(n, L, dtype=torch.long, device=device)
+    for i, s in enumerate(starts):
+        f[i, :s + 1], x[i, :s + 1] = feats[:s + 1], tokens[1:s + 2]
+    last = torch.tensor(starts, device=device)
+    rows = torch.arange(n, device=device)
+    accepted = torch.zeros(n, dtype=torch.long, device=device)
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    d2t = getattr(draft, "d2t", None)
+    for k in range(1, depth + 1):
+        h = draft(f, x)[rows, last]                        # predicted f_{t+k}
+        y = draft.logits(h).argmax(-1)
+        if d2t is not None:
+            y = d2t[y]
+        # the target's greedy token after x_{t+1}..x_{t+k} (valid only while those are the recorded tokens)
+        pos = (last.new_tensor(starts) + k).clamp(max=T - 1)
+        ok = alive & (last.new_tensor(starts) + k < T) & (y == greedy[pos])
+        accepted += ok.long()
+        # continuing past step k needs the target's feature after y, i.e. y must be the recorded token too
+        nxt = (last.new_tensor(starts) + k + 1).clamp(max=T - 1)
+        alive = ok & (last.new_tensor(starts) + k + 1 < T) & (tokens[nxt] == y)
+        if k < depth:
+            f[rows, last + 1] = h.to(f.dtype)
+            x[rows, last + 1] = y
+            last = last + 1
+    return accepted
