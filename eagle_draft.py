@@ -209,6 +209,203 @@ def load_draft(path, target: M.Transformer, device="cpu", dtype=torch.bfloat16) 
     return draft.eval().bind_target(target)
 
 
+
+# ---- proposing a draft tree ---------------------------------------------------------------------
+
+# A static tree as root paths of child ranks (0 = the draft's best child), in priority order: every
+# prefix of this list is ancestor-closed, so `static` with --tree-tokens n keeps the first n-1 entries.
+# Shaped like EAGLE-1's default tree (wide near the root, a deep spine), but small: on a CPU every extra
+# verified token costs (see `python speculative.py --measure-verify`).
+STATIC_TREE = [
+    (0,), (1,), (0, 0), (2,), (0, 1), (1, 0), (0, 0, 0), (3,), (0, 0, 1), (0, 2), (1, 1), (2, 0),
+    (0, 0, 0, 0), (0, 1, 0), (1, 0, 0), (0, 0, 0, 1), (0, 0, 0, 0, 0), (0, 0, 2), (0, 3), (4,),
+    (0, 0, 0, 0, 1), (0, 0, 0, 0, 0, 0), (0, 1, 1), (1, 2), (2, 1), (0, 0, 1, 0), (0, 0, 0, 0, 0, 0, 0),
+    (5,), (0, 0, 0, 2), (1, 0, 1), (0, 0, 0, 0, 0, 1), (0, 0, 0, 0, 0, 0, 0, 0),
+]
+
+
+class TreePlan:
+    """Static description of how the draft expands: K children per expanded node, a frontier of F nodes
+    per step, `depth` steps; for static shapes also which candidates are expanded and kept.
+
+    Candidates are numbered as they are created: 0 = root, 1..K = the root's children, then each step
+    s >= 1 appends F*K children (frontier row j, child rank r → base_s + j*K + r)."""
+
+    def __init__(self, kind: str, depth: int, topk: int, tokens: int):
+        self.kind = kind
+        if kind == "dynamic":
+            self.K = self.F = topk
+            self.depth = depth
+            self.n_cand = 1 + self.K + (depth - 1) * self.F * self.K
+            self.N = min(tokens, self.n_cand)
+            self.frontier = self.keep = None
+            return
+        if kind == "chain":
+            shape = [(0,) * d for d in range(1, depth + 1)]
+        else:
+            shape = [p for p in STATIC_TREE if len(p) <= depth][:max(tokens - 1, 1)]
+        self.depth = max(len(p) for p in shape)
+        self.K = 1 + max(p[-1] for p in shape)
+        parents = [[p[:-1] for p in shape if len(p) == s + 1] for s in range(self.depth)]
+        # frontier at step s (s >= 1): the distinct depth-s nodes that have children, padded to F
+        fronts = [sorted(set(ps), key=shape.index) for ps in parents[1:]]
+        self.F = max([len(f) for f in fronts] + [1])
+        index = {(): 0}
+        index.update({(r,): 1 + r for r in range(self.K)})
+        base = 1 + self.K
+        self.frontier = []
+        for s, front in enumerate(fronts, start=1):
+            front = front + [front[0]] * (self.F - len(front))
+            self.frontier.append([index[p] - (base - (self.K if s == 1 else self.F * self.K)) for p in front])
+            for j, p in enumerate(front):
+                for r in range(self.K):
+                    index.setdefault(p + (r,), base + j * self.K + r)
+            base += self.F * self.K
+        self.n_cand = base
+        self.keep = sorted(index[p] for p in shape)
+        self.N = len(self.keep) + 1
+
+
+class EagleDrafter:
+    """Proposes trees with an EAGLE draft; keeps the draft's KV cache in step with the target's.
+
+    Draft slot t holds (f_t, x_{t+1}). Between rounds the draft has slots 0..L-1 (L = tokens in the
+    target cache) and `h_root`, its output at slot L-1, which scores the root's children. Tree nodes are
+    written to slots L.. as the tree grows (depth-s frontier node at RoPE position L-1+s); after a round
+    the accepted tokens are re-run through the draft with the target's *true* features (EAGLE does the
+    same: the tree's K/V were computed from the draft's own predicted features, which are worse inputs).
+    """
+
+    method = "eagle"
+
+    def __init__(self, draft: EagleDraft, tree: str = "dynamic", depth: int = 5, topk: int = 8,
+                 tokens: int = 32, compile: bool = False):
+        if tree not in ("dynamic", "static", "chain"):
+            raise ValueError(f"unknown tree kind {tree!r}")
+        self.draft = draft
+        self.plan = TreePlan(tree, depth, 1 if tree == "chain" else topk, tokens)
+        self.N = self.plan.N
+        self.max_depth = self.plan.depth
+        self.step = draft.forward
+        if compile:
+            self.step = torch.compile(draft.forward, fullgraph=True, dynamic=False)
+        self.h_root = None
+
+    def setup(self, max_seq_length: int, dtype, device) -> None:
+        p = self.plan
+        extra = max(self.max_depth + 1, (p.depth - 1) * p.F) + 1
+        need = max_seq_length + extra
+        if self.draft.max_seq_length < need:
+            self.draft.setup_caches(need, dtype=dtype, device=device)
+
+    def caches(self):
+        return [self.draft.layer.attention.kv_cache]
+
+    def prefill(self, prompt: Tensor, features: Tensor, first: Tensor) -> None:
+        T = prompt.shape[0]
+        toks = torch.cat([prompt[1:], first.view(1)])
+        hid = self.draft(features[None], toks[None], torch.arange(T, device=prompt.device))[0]
+        self.h_root = hid[-1]
+
+    def _children(self, logq: Tensor, sampling: bool):
+        """K children per row of logq [R, Vd] → (ids [R, K], slot scores [R, K]).
+
+        Greedy: the top-K. Sampling: K draws *without replacement* from q (Gumbel-top-K: the order of
+        the perturbed top-K is the order of sequential draws), which the tree rejection sampler needs.
+        Their scores are the K largest log q in rank order, not the drawn tokens' own log q: which nodes
+        a tree keeps must not depend on the values of the nodes it keeps, or acceptance is biased."""
+        top = torch.topk(logq, self.plan.K, dim=-1)
+        if not sampling:
+            return top.indices, top.values
+        gumbel = -torch.empty_like(logq).exponential_().log()
+        return torch.topk(logq + gumbel, self.plan.K, dim=-1).indices, top.values
+
+    def propose(self, root: Tensor, L: Tensor, temperature: float = 0.0):
+        from speculative import make_tree
+        d, p = self.draft, self.plan
+        K, F = p.K, p.F
+        dev = root.device
+        sampling = temperature > 0
+        scale = 1.0 / temperature if sampling else 1.0
+        n_slots = max((p.depth - 1) * F, 1)
+        Sd = d.max_seq_length
+        cols = torch.arange(Sd, device=dev)
+        prefix = (cols[None, :] < L).expand(F, Sd)
+        tree_cols = L + torch.arange(n_slots, device=dev)
+
+        logq = torch.log_softmax(d.logits(self.h_root[None]).float() * scale, dim=-1)      # [1, Vd]
+        ids, sc = self._children(logq, sampling)
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
+        toks, parents, scores = [zero, ids[0]], [zero, zero.expand(K)], [zero.float(), sc[0]]
+        qs = [logq.exp()] if sampling else []
+        q_of = [zero]                                          # candidate index of each q row
+        prev_hidden, prev_parent = self.h_root[None], zero.expand(K)
+        prev_anc = torch.zeros(1, n_slots, dtype=torch.bool, device=dev)
+        base, n_new = 1, K
+        for s in range(1, p.depth):
+            if p.frontier is None:   # EAGLE-2: expand the F best candidates of the newest depth
+                sel = torch.topk(scores[-1], F).indices
+            else:
+                sel = torch.tensor(p.frontier[s - 1], device=dev)
+            f_idx = base + sel
+            f_tok = toks[-1][sel]
+            f_par = prev_parent[sel]
+            own = (s - 1) * F + torch.arange(F, device=dev)
+            anc = prev_anc[f_par] | (torch.arange(n_slots, device=dev)[None, :] == own[:, None])
+            mask = prefix.index_copy(1, tree_cols, anc)[None, None]
+            pos = (L - 1 + s).expand(F)
+            hid = self.step(prev_hidden[f_par][None], d.to_target(f_tok)[None], L + own, mask, pos)[0]
+            logq = torch.log_softmax(d.logits(hid).float() * scale, dim=-1)                  # [F, Vd]
+            ids, sc = self._children(logq, sampling)
+            toks.append(ids.flatten())
+            parents.append(f_idx.repeat_interleave(K))
+            scores.append((scores[-1][sel][:, None] + sc).flatten())
+            if sampling:
+                qs.append(logq.exp())
+                q_of.append(f_idx)
+            prev_hidden, prev_anc = hid, anc
+            prev_parent = torch.arange(F, device=dev).repeat_interleave(K)
+            base, n_new = base + n_new, F * K
+        tok, par, score = torch.cat(toks), torch.cat(parents), torch.cat(scores)
+        if p.keep is not None:
+            keep = torch.tensor(p.keep, device=dev)
+        elif not sampling:
+            # EAGLE-2 rerank: the best N-1 by cumulative log q; a child never outscores its parent and
+            # the stable sort puts the (earlier-numbered) parent first on ties, so the set is ancestor-closed
+            keep = torch.sort(-score[1:], stable=True).indices[:p.N - 1] + 1
+        else:
+            # sampling: fill breadth-first (by depth, then score) so that keeping a node never depends on
+            # the values drawn at or below it (see _children); still ancestor-closed
+            depth = torch.cat([torch.full((t.numel(),), i, device=dev) for i, t in enumerate(toks)])
+            o = torch.sort(-score[1:], stable=True).indices
+            o = o[torch.sort(depth[1:][o], stable=True).indices]
+            keep = o[:p.N - 1] + 1
+        keep = torch.sort(keep).values
+        inv = torch.zeros(tok.shape[0], dtype=torch.long, device=dev)
+        inv[keep] = torch.arange(1, p.N, device=dev)
+        tokens = torch.cat([root.view(1), d.to_target(tok[keep])])
+        parent = torch.cat([zero, inv[par[keep]]])
+        valid = torch.ones(p.N, dtype=torch.bool, device=dev)
+        q = qrow = None
+        if sampling:
+            q = d.to_target_probs(torch.cat(qs))
+            cand_qrow = torch.full((tok.shape[0],), -1, dtype=torch.long, device=dev)
+            q_idx = torch.cat(q_of)
+            # padded static frontiers repeat a node: scatter its first row last so it wins
+            order = torch.arange(q_idx.shape[0] - 1, -1, -1, device=dev)
+            cand_qrow = cand_qrow.index_put((q_idx[order],), order)
+            qrow = torch.cat([zero, cand_qrow[keep]])
+        return make_tree(tokens, parent, valid, p.depth, K, q, qrow)
+
+    def update(self, tree, path: Tensor, n_acc: int, bonus: Tensor, features: Tensor, L: Tensor) -> None:
+        """Feed the accepted tokens' true target features back: slots L..L+n_acc-1 get
+        (f_{L+j}, x_{L+j+1}); always max_depth+1 rows so the draft step keeps one shape."""
+        J = path.shape[0]
+        nxt = torch.cat([tree.tokens[path[1:]], bonus.view(1)])
+        nxt = torch.where(torch.arange(J, device=nxt.device) == n_acc - 1, bonus, nxt)
+        hid = self.step(features[path][None], nxt[None], L + torch.arange(J, device=nxt.device))[0]
+        self.h_root = hid[n_acc - 1]
+
 # --- training ---
 # (losses and data format: owned by scripts/train_eagle.py's engineer; appended below this line)
 # The data format and the EAGLE-1 objective. scripts/train_eagle.py drives them; they live here so that

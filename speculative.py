@@ -41,3 +41,520 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: Optional[int] = None
     if temperature <= 0:
         return torch.argmax(logits, dim=-1)
     return sample_from(logits_to_probs(logits, temperature, top_k, top_p))
+
+
+# =====================================================================================================
+# Draft trees
+# =====================================================================================================
+#
+# A round verifies a tree of N tokens in one target forward. Node 0 is the root: the last token already
+# chosen (sampled or accepted) but not yet in the target's cache, at cache slot L (= tokens in the cache).
+# Node i sits at cache slot L + i and RoPE position L + depth[i]; it attends to the whole prefix (slots
+# < L) and to its own ancestors (itself included). Nodes are numbered parents-first, siblings in the
+# order the drafter proposed them (for sampling: the order they were drawn from q).
+
+from dataclasses import dataclass  # noqa: E402
+import time  # noqa: E402
+
+
+@dataclass
+class Tree:
+    tokens: Tensor                       # [N] target ids
+    parent: Tensor                       # [N] parent node (the root is its own parent)
+    depth: Tensor                        # [N] 0 for the root
+    valid: Tensor                        # [N] False for padding nodes (never accepted)
+    mask: Tensor                         # [N, N] bool, ancestor-or-self (padding rows: self only)
+    paths: Tensor                        # [N, max_depth + 1] node on i's root path at each depth (≤ depth[i])
+    children: Tensor                     # [N, C] children in proposal order, -1 = none
+    max_depth: int
+    q: Optional[Tensor] = None           # [M, V] draft distribution at expanded nodes (sampling only)
+    qrow: Optional[Tensor] = None        # [N] row of q for each node, -1 if the node was not expanded
+
+
+def make_tree(tokens: Tensor, parent: Tensor, valid: Tensor, max_depth: int, max_children: int,
+              q: Optional[Tensor] = None, qrow: Optional[Tensor] = None) -> Tree:
+    """Derive depths, the ancestor mask, root paths and the children table from parent pointers, with
+    tensor ops of static shape (no host sync). Invalid nodes become isolated padding."""
+    N = tokens.shape[0]
+    dev = tokens.device
+    ar = torch.arange(N, device=dev)
+    valid = valid.clone()
+    valid[0] = True
+    parent = torch.where(valid, parent, ar)
+    parent = torch.where(ar == 0, torch.zeros_like(parent), parent)
+    eye = torch.eye(N, dtype=torch.bool, device=dev)
+    anc = eye.clone()
+    for _ in range(max_depth):
+        anc = eye | (anc[parent] & (valid & (ar > 0))[:, None])
+    depth = anc.sum(1) - 1
+    # paths[i, d] = the ancestor of i at depth d (the root for d > depth[i], harmless padding)
+    at_depth = anc[:, None, :] & (depth[None, None, :] == torch.arange(max_depth + 1, device=dev)[None, :, None])
+    paths = torch.argmax(at_depth.to(torch.uint8), dim=-1)
+    # children[p, r] = r-th child of p in proposal order
+    sib = (parent[:, None] == parent[None, :]) & (ar[None, :] < ar[:, None]) & valid[None, :] & (ar[None, :] > 0)
+    rank = sib.sum(1)
+    ok = valid & (ar > 0) & (rank < max_children)
+    slot = torch.where(ok, parent * max_children + rank, torch.full_like(rank, N * max_children))
+    children = torch.full((N * max_children + 1,), -1, dtype=torch.long, device=dev)
+    children = children.scatter(0, slot, torch.where(ok, ar, torch.full_like(ar, -1)))
+    children = children[:-1].view(N, max_children)
+    return Tree(tokens, parent, depth, valid, anc, paths, children, max_depth, q, qrow)
+
+
+def chain_tree(tokens: Tensor, valid: Tensor, q: Optional[Tensor] = None) -> Tree:
+    """A chain root → d1 → d2 … (separate draft model, prompt lookup)."""
+    N = tokens.shape[0]
+    parent = (torch.arange(N, device=tokens.device) - 1).clamp(min=0)
+    valid = torch.cumprod(valid.long(), 0).bool()        # a chain stops at its first invalid node
+    qrow = None if q is None else torch.arange(N, device=tokens.device)
+    return make_tree(tokens, parent, valid, N - 1, 1, q, qrow)
+
+
+# =====================================================================================================
+# Verification: one target forward over the tree
+# =====================================================================================================
+
+def tree_attention_mask(tree: Tree, L: Tensor, max_seq_length: int) -> Tensor:
+    """[1, 1, N, max_seq_length] bool: prefix slots < L, then the tree's ancestor mask at slots L.. ."""
+    N = tree.tokens.shape[0]
+    dev = tree.tokens.device
+    cols = torch.arange(max_seq_length, device=dev)
+    mask = (cols[None, :] < L).expand(N, max_seq_length).contiguous()
+    mask = mask.index_copy(1, L + torch.arange(N, device=dev), tree.mask)
+    return mask[None, None]
+
+
+def target_tree_forward(target, tokens: Tensor, input_pos: Tensor, mask: Tensor, pos: Tensor):
+    """The target's verify step (compiled once per tree budget when compile=True)."""
+    logits, hidden = target(tokens[None], input_pos, mask, pos, return_hidden=True)
+    return logits[0], hidden[0]
+
+
+def verify(target, tree: Tree, L: Tensor, forward=target_tree_forward):
+    """One target forward over the tree at cache slots L..L+N-1 → (logits [N, V], features [N, D])."""
+    N = tree.tokens.shape[0]
+    input_pos = L + torch.arange(N, device=tree.tokens.device)
+    mask = tree_attention_mask(tree, L, target.max_seq_length)
+    return forward(target, tree.tokens, input_pos, mask, L + tree.depth)
+
+
+def accept_greedy(tree: Tree, logits: Tensor):
+    """Longest root path whose every token is the target's argmax after its parent, plus a bonus token.
+    Returns (path [max_depth+1] node ids, n_accepted (root included) 0-dim, bonus token 0-dim)."""
+    tgt = torch.argmax(logits, dim=-1)
+    root = torch.arange(tree.tokens.shape[0], device=logits.device) == 0
+    correct = root | (tree.valid & (tree.tokens == tgt[tree.parent]))
+    ok = correct
+    for _ in range(tree.max_depth):
+        ok = correct & ok[tree.parent]
+    best = torch.argmax(torch.where(ok, tree.depth, -1))
+    return tree.paths[best], tree.depth[best] + 1, tgt[best]
+
+
+def accept_sample(tree: Tree, logits: Tensor, temperature: float, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None):
+    """Lossless recursive rejection sampling over the tree (SpecInfer / EAGLE multi-round).
+
+    At the current node, p is the target's distribution (logits_to_probs: the one plain decoding samples
+    from) and q the draft distribution its children were drawn from, without replacement, in order.
+    Try children in order: accept child x with probability min(1, p(x)/q(x)); on rejection
+    p ← norm(max(p − q, 0)) and x's mass is removed from q (renormalised), because the next child was drawn
+    from q without x. Accepting moves down the tree; when all children are rejected (or there are none)
+    the bonus token is drawn from the current p. Fixed loop counts and torch.where instead of branches:
+    no host sync. Returns (path, n_accepted, bonus) like accept_greedy.
+
+    Also runs B independent rounds at once (logits [B, N, V], tokens [B, N], q [B, M, V]; the shape
+    buffers may be shared): the statistical test draws its 10^4-10^5 samples that way.
+    """
+    single = logits.dim() == 2
+    P = logits_to_probs(logits if not single else logits[None], temperature, top_k, top_p)
+    B, N, V = P.shape
+    dev = P.device
+
+    def batched(x, dims):
+        if x is None:
+            return None
+        return (x if x.dim() == dims else x[None]).expand(B, *x.shape[-(dims - 1):])
+
+    tokens, children = batched(tree.tokens, 2), batched(tree.children, 3)
+    Q, qrow = batched(tree.q, 3), batched(tree.qrow, 2)
+    C = children.shape[-1]
+    bi = torch.arange(B, device=dev)
+    cur = torch.zeros(B, dtype=torch.long, device=dev)
+    n_acc, bonus = cur + 1, cur
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    path = [cur]
+    for _ in range(tree.max_depth + 1):
+        p = P[bi, cur]
+        if Q is not None:
+            qr = qrow[bi, cur]
+            q = Q[bi, qr.clamp(min=0)] * (qr >= 0)[:, None]
+        else:
+            q = torch.zeros_like(p)
+        moved = torch.zeros_like(done)
+        nxt = cur
+        for j in range(C):
+            c = children[bi, cur, j]
+            cc = c.clamp(min=0)
+            x = tokens[bi, cc][:, None]
+            px, qx = p.gather(1, x)[:, 0], q.gather(1, x)[:, 0]
+            # a child drawn with q(x) = 0 cannot have been drawn: treat it as absent
+            live = (c >= 0) & (qx > 0) & ~moved & ~done
+            acc = live & (torch.rand(B, device=dev) * qx < px)
+            rej = (live & ~acc)[:, None]
+            resid = (p - q).clamp(min=0)
+            rs = resid.sum(-1, keepdim=True)
+            p = torch.where(rej & (rs > 0), resid / rs.clamp(min=1e-30), p)
+            q_wo = q.scatter(1, x, 0.0)
+            q = torch.where(rej, q_wo / q_wo.sum(-1, keepdim=True).clamp(min=1e-30), q)
+            nxt = torch.where(acc, cc, nxt)
+            moved = moved | acc
+        stop_here = ~moved & ~done
+        bonus = torch.where(stop_here, sample_from(p), bonus)
+        done = done | stop_here
+        n_acc = n_acc + moved.long()
+        cur = nxt
+        path.append(cur)
+    path = torch.stack(path[:tree.max_depth + 1], -1)
+    if single:
+        return path[0], n_acc[0], bonus[0]
+    return path, n_acc, bonus
+
+
+def compact_kv(caches, L: Tensor, path: Tensor) -> None:
+    """Move the accepted path's K/V rows (slots L + path[j]) to slots L + j. Always the full path length,
+    so shapes are static; rows past the accepted length land on slots that are overwritten later."""
+    src = L + path
+    dst = L + torch.arange(path.shape[0], device=path.device)
+    for c in caches:
+        c.k_cache.index_copy_(2, dst, c.k_cache.index_select(2, src))
+        c.v_cache.index_copy_(2, dst, c.v_cache.index_select(2, src))
+
+
+def target_caches(target):
+    return [layer.attention.kv_cache for layer in target.layers]
+
+
+# =====================================================================================================
+# Other drafters on the same verify path
+# =====================================================================================================
+
+class DraftModelDrafter:
+    """A separate small LM drafts a chain of k tokens (the gpt-fast way), one cached step at a time.
+
+    The draft's cache holds tokens 0..Ld-1. A round first feeds it the tokens it has not seen (the new
+    root, and the last draft token when the whole chain was accepted), then drafts k tokens. At
+    temperature > 0 each token is drawn from q = softmax(draft logits / T), recorded for verification."""
+
+    method = "draft"
+
+    def __init__(self, draft_model, k: int = 4, compile: bool = False):
+        self.model, self.k = draft_model, k
+        self.N, self.max_depth = k + 1, k
+        self.step = _draft_lm_step
+        if compile:
+            self.step = torch.compile(_draft_lm_step, fullgraph=True, dynamic=False)
+        self.pending: list = []
+
+    def setup(self, max_seq_length: int, dtype, device) -> None:
+        need = max_seq_length + self.k + 2
+        if self.model.max_seq_length < need or self.model.max_batch_size != 1:
+            self.model.setup_caches(1, need, dtype)
+
+    def caches(self):
+        return target_caches(self.model)
+
+    def prefill(self, prompt: Tensor, features: Tensor, first: Tensor) -> None:
+        T = prompt.shape[0]
+        self.model(prompt[None], torch.arange(T, device=prompt.device))
+        self.Ld = torch.tensor(T, device=prompt.device)
+        self.pending = [first.view(())]
+
+    def propose(self, root: Tensor, L: Tensor, temperature: float = 0.0):
+        toks, qs = [root.view(())], []
+        V = None
+        for t in self.pending:                # 1 or 2 tokens the draft has not seen yet
+            logits = self.step(self.model, t, self.Ld)
+            self.Ld = self.Ld + 1
+        for i in range(self.k):
+            if temperature > 0:
+                q = logits_to_probs(logits, temperature)
+                nxt = sample_from(q)
+                qs.append(q)
+            else:
+                nxt = torch.argmax(logits, dim=-1)
+            toks.append(nxt)
+            if i + 1 < self.k:
+                logits = self.step(self.model, nxt, self.Ld + i)
+        tokens = torch.stack(toks)
+        q = None
+        if qs:
+            q = torch.stack(qs + [torch.zeros_like(qs[0])])
+            V = self.target_vocab
+            if q.shape[-1] < V:     # a draft with a smaller vocabulary puts no mass on the rest
+                q = torch.nn.functional.pad(q, (0, V - q.shape[-1]))
+        return chain_tree(tokens, torch.ones_like(tokens, dtype=torch.bool), q)
+
+    def update(self, tree, path, n_acc: int, bonus: Tensor, features, L) -> None:
+        # the draft saw root, d1..d_{k-1} at Ld_round.. ; d_j is right for j < n_acc
+        a = n_acc - 1
+        self.Ld = L + 1 + min(a, self.k - 1)
+        self.pending = ([tree.tokens[self.k].view(())] if a == self.k else []) + [bonus.view(())]
+
+
+def _draft_lm_step(model, token: Tensor, pos: Tensor) -> Tensor:
+    return model(token.view(1, 1), pos.view(1))[0, -1]
+
+
+class LookupDrafter:
+    """Prompt lookup: find the most recent earlier occurrence of the context's last n-gram (longest n
+    first) and propose the k tokens that followed it. No model; q is a point mass on the proposal."""
+
+    method = "lookup"
+
+    def __init__(self, k: int = 8, max_ngram: int = 3, min_ngram: int = 1):
+        self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
+        self.N, self.max_depth = k + 1, k
+        self.context: list = []
+
+    def setup(self, max_seq_length, dtype, device) -> None:
+        pass
+
+    def caches(self):
+        return []
+
+    def prefill(self, prompt, features, first) -> None:
+        self.context = prompt.tolist() + [int(first)]
+
+    def match(self) -> list:
+        ctx = self.context
+        for n in range(min(self.max_ngram, len(ctx) - 1), self.min_ngram - 1, -1):
+            tail = ctx[-n:]
+            for start in range(len(ctx) - n - 1, -1, -1):
+                if ctx[start:start + n] == tail:
+                    return ctx[start + n:start + n + self.k]
+        return []
+
+    def propose(self, root: Tensor, L, temperature: float = 0.0):
+        prop = self.match()
+        if not prop:
+            return None
+        dev = root.device
+        toks = torch.zeros(self.N, dtype=torch.long, device=dev)
+        toks[1:1 + len(prop)] = torch.tensor(prop, device=dev)
+        toks[0] = root
+        valid = torch.arange(self.N, device=dev) <= len(prop)
+        q = None
+        if temperature > 0:
+            q = torch.nn.functional.one_hot(torch.roll(toks, -1), self.target_vocab).float()
+            q = q * torch.roll(valid, -1)[:, None]
+        return chain_tree(toks, valid, q)
+
+    def update(self, tree, path, n_acc, bonus, features, L) -> None:
+        pass        # speculative_generate appends the accepted tokens to self.context
+
+
+# =====================================================================================================
+# The speculative loop
+# =====================================================================================================
+
+def _plain_step(target, token: Tensor, pos: Tensor):
+    logits, hidden = target(token.view(1, 1), pos.view(1), return_hidden=True)
+    return logits[0, -1], hidden[0, -1]
+
+
+@torch.no_grad()
+def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                         top_k: Optional[int] = None, top_p: Optional[float] = None, stop_ids=(),
+                         callback=None) -> tuple:
+    """Generate with draft-then-verify rounds; the output is the target's own (greedy: token for token).
+
+    prompt: [T] (or [1, T]) token ids. Returns (new_tokens, stats): new_tokens ends at the first stop id
+    (included), after max_new_tokens, or when the cache is full (at most max_seq_length - T new tokens).
+    stats: rounds (target forwards after prefill), mean_accepted (τ: tokens per round, bonus included),
+    accept_hist (rounds by number of draft tokens accepted, index 0..max_depth), new_tokens,
+    time_to_first_token_s, decode_s, decode_tokens_per_s.
+    callback(ids) is called once per round with the round's new tokens.
+    """
+    if prompt.dim() == 2:
+        prompt = prompt[0]
+    T = prompt.shape[0]
+    dev = prompt.device
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    cap = target.args.max_position_embeddings
+    if target.max_batch_size != 1 or target.max_seq_length < min(cap, T + max_new_tokens + drafter.N):
+        target.setup_caches(1, min(cap, 256 * -(-(T + max_new_tokens + drafter.N) // 256)))
+    S = target.max_seq_length
+    if T >= S:
+        raise ValueError(f"prompt of {T} tokens does not fit a cache of {S} slots")
+    limit = min(max_new_tokens, S - T)
+    dtype = target.layers[0].attention.kv_cache.k_cache.dtype
+    drafter.target_vocab = target.args.vocab_size
+    drafter.setup(S, dtype, dev)
+    forward = getattr(drafter, "verify_forward", target_tree_forward)
+    plain = getattr(drafter, "plain_forward", _plain_step)
+    stop = set(int(s) for s in stop_ids)
+    out: list = []
+
+    def emit(ids: list) -> bool:
+        """Append ids up to a stop id / the limit; True when generation is over."""
+        take = []
+        for t in ids:
+            take.append(t)
+            if t in stop or len(out) + len(take) >= limit:
+                break
+        out.extend(take)
+        if callback is not None and take:
+            callback(take)
+        return len(out) >= limit or (bool(take) and take[-1] in stop)
+
+    t0 = time.perf_counter()
+    logits, hidden = target(prompt[None], torch.arange(T, device=dev), return_hidden=True)
+    root = sample(logits[0, -1], temperature, top_k, top_p)
+    drafter.prefill(prompt, hidden[0], root)
+    finished = emit([int(root)])
+    if drafter.method == "lookup":
+        drafter.context = prompt.tolist() + out[:]
+    t_first = time.perf_counter()
+
+    L = torch.tensor(T, device=dev)
+    Lh = T
+    rounds, accepted, hist = 0, 0, [0] * (drafter.max_depth + 1)
+    speculating = True
+    while not finished:
+        tree = None
+        if speculating and Lh + drafter.N <= S:
+            tree = drafter.propose(root, L, temperature)
+        else:
+            speculating = drafter.method == "lookup" and Lh + drafter.N <= S
+        if tree is None:
+            # no proposal (lookup miss) or the tree no longer fits before the cache end: one plain step
+            lg, _ = plain(target, root, L)
+            root = sample(lg, temperature, top_k, top_p)
+            ids, n = [int(root)], 1
+            hist[0] += 1
+            if drafter.method != "lookup":
+                speculating = False      # the draft's cache is not kept up to date any more
+        else:
+            lg, feats = verify(target, tree, L, forward)
+            if temperature > 0:
+                path, n_acc, bonus = accept_sample(tree, lg, temperature, top_k, top_p)
+            else:
+                path, n_acc, bonus = accept_greedy(tree, lg)
+            compact_kv(target_caches(target), L, path)
+            host = torch.cat([n_acc.view(1), tree.tokens[path], bonus.view(1)]).tolist()   # the one sync
+            n = host[0]
+            ids = host[2:1 + n] + [host[-1]]
+            hist[n - 1] += 1
+            drafter.update(tree, path, n, bonus, feats, L)
+            root = bonus
+        rounds += 1
+        accepted += n
+        Lh += n
+        L = L + n
+        finished = emit(ids)
+        if drafter.method == "lookup":
+            drafter.context.extend(ids)
+        if Lh >= S:
+            finished = True
+    t_end = time.perf_counter()
+    decode_s = t_end - t_first
+    stats = {"rounds": rounds, "mean_accepted": accepted / rounds if rounds else 0.0, "accept_hist": hist,
+             "new_tokens": len(out), "prompt_tokens": T, "time_to_first_token_s": t_first - t0,
+             "decode_s": decode_s,
+             "decode_tokens_per_s": (len(out) - 1) / decode_s if decode_s > 0 and len(out) > 1 else 0.0,
+             "method": drafter.method, "tree_tokens": drafter.N}
+    return out, stats
+
+
+# =====================================================================================================
+# Building a drafter; choosing the tree budget
+# =====================================================================================================
+
+DEFAULTS = {"dynamic": dict(depth=5, topk=8, tokens=24), "static": dict(depth=5, topk=4, tokens=20),
+            "chain": dict(depth=5, topk=1, tokens=6)}
+LOOKUP_K, DRAFT_LM_K = 6, 4
+
+
+def measure_verify_cost(target, ns=range(1, 65), reps: int = 3, forward=target_tree_forward) -> dict:
+    """Seconds for one target forward over n tree tokens on top of a half-full cache, for each n (the
+    median of `reps`). Uses the caches as they are (set them up first); leaves their content dirty."""
+    dev = target.tok_embeddings.weight.device
+    S = target.max_seq_length
+    L = torch.tensor(max(0, min(S // 2, S - max(ns) - 1)), device=dev)
+    out = {}
+    for n in ns:
+        tree = chain_tree(torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev))
+        times = []
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            lg, _ = verify(target, tree, L, forward)
+            float(lg[0, 0])
+            times.append(time.perf_counter() - t)
+        out[n] = sorted(times[1:])[len(times[1:]) // 2]
+    return out
+
+
+def pick_tree_tokens(cost: dict, tau_gain: float = 0.9) -> int:
+    """The budget n maximising expected tokens per second τ(n) / cost(n), with τ(n) = 1 + 0.9·ln n:
+    EAGLE-2's acceptance grows roughly logarithmically with the tree size (τ ≈ 4.5 at n = 60 on GPU
+    papers' chat models, 1 at n = 1). On a GPU cost(n) is flat, so this picks the largest n; on a CPU the
+    measured curve pulls it down to where one more token costs more than the acceptance it buys."""
+    import math
+    return max(cost, key=lambda n: (1 + tau_gain * math.log(n)) / cost[n])
+
+
+def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None, tree: str = "dynamic",
+                  tree_depth: Optional[int] = None, tree_topk: Optional[int] = None, tree_tokens=None,
+                  draft_vocab: Optional[int] = None, device=None, dtype=None, compile: bool = False):
+    """A drafter for speculative_generate. method: "eagle" (draft_path = EAGLE draft checkpoint), "draft"
+    (draft_checkpoint = a small target-format LM, chain of tree_depth tokens) or "lookup" (prompt
+    lookup, chain of tree_depth tokens). tree_tokens: int or "auto" (measure the target's verify cost)."""
+    from checkpoint import UserError, load_model
+    device = device or target.tok_embeddings.weight.device
+    dtype = dtype or target.tok_embeddings.weight.dtype
+    if method == "lookup":
+        d = LookupDrafter(k=tree_depth or LOOKUP_K)
+    elif method == "draft":
+        if draft_checkpoint is None:
+            raise UserError("--spec-method draft needs --draft-checkpoint (a small model of the same family)")
+        dm = load_model(draft_checkpoint, device, dtype)
+        if dm.args.vocab_size > target.args.vocab_size:
+            raise UserError(f"draft model {draft_checkpoint} has a larger vocabulary ({dm.args.vocab_size}) than "
+                            f"the target ({target.args.vocab_size}); use a model with the target's tokenizer")
+        d = DraftModelDrafter(dm, k=tree_depth or DRAFT_LM_K, compile=compile)
+    elif method == "eagle":
+        import eagle_draft
+        if draft_path is None:
+            raise UserError("--spec-method eagle needs an EAGLE draft (--draft PATH; train one with "
+                            "scripts/train_eagle.py or convert one with convert_hf_checkpoint.py --eagle)")
+        draft = eagle_draft.load_draft(draft_path, target, device, dtype)
+        if draft_vocab is not None:
+            if draft.d2t is None:
+                raise UserError(f"draft {draft_path} has no draft vocabulary to shrink; drop --draft-vocab "
+                                f"or use a draft trained with one")
+            if draft_vocab < draft.d2t.numel():   # d2t is frequency-ranked: keep the most frequent
+                draft.d2t = draft.d2t[:draft_vocab].clone()
+                draft.bind_target(target)
+        if tree not in DEFAULTS:
+            raise UserError(f"--tree must be dynamic, static or chain, got {tree!r}")
+        dflt = DEFAULTS[tree]
+        depth, topk = tree_depth or dflt["depth"], tree_topk or dflt["topk"]
+        tokens = tree_tokens if tree_tokens not in (None, "auto") else dflt["tokens"]
+        if tree_tokens == "auto":
+            if target.max_seq_length < 256:
+                target.setup_caches(1, min(512, target.args.max_position_embeddings))
+            fwd = torch.compile(target_tree_forward, fullgraph=True, dynamic=False) if compile \
+                else target_tree_forward
+            cost = measure_verify_cost(target, forward=fwd)
+            tokens = pick_tree_tokens(cost)
+        d = eagle_draft.EagleDrafter(draft, tree, depth, topk, int(tokens), compile=compile)
+        if tree_tokens == "auto":
+            d.verify_cost = cost
+    else:
+        raise UserError(f"unknown speculative method {method!r} (eagle, draft, lookup)")
+    if compile:
+        d.verify_forward = torch.compile(target_tree_forward, fullgraph=True, dynamic=False)
+        d.plain_forward = torch.compile(_plain_step, fullgraph=True, dynamic=False)
+    return d

@@ -59,3 +59,71 @@ def test_misfit_draft_is_a_user_error(tmp_path):
         E.load_draft(tmp_path / "d.pth", other)
     with pytest.raises(UserError, match="not found"):
         E.load_draft(tmp_path / "missing.pth", t)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_convert_published_eagle_checkpoint(tmp_path, fmt):
+    """A draft in the yuhuili/EAGLE-* layout → our format; outputs match an independent reference built
+    from transformers' LlamaDecoderLayer (input layernorm replaced by identity) + fc."""
+    import json
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from convert_hf_checkpoint import main as convert_main
+    from tiny import write_checkpoint
+
+    tpath, hf, cfg = write_checkpoint(tmp_path / "target.pth")
+    torch.manual_seed(1)
+    lc = LlamaConfig(**{**cfg, "num_hidden_layers": 1})
+    lc._attn_implementation = "eager"
+    layer = LlamaDecoderLayer(lc, 0).eval()
+    layer.input_layernorm = torch.nn.Identity()
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    fc = torch.nn.Linear(2 * cfg["hidden_size"], cfg["hidden_size"], bias=True)
+    sd = {"fc.weight": fc.weight, "fc.bias": fc.bias,
+          "embed_tokens.weight": hf.model.embed_tokens.weight}
+    sd.update({f"layers.0.{k}": v for k, v in layer.state_dict().items()})
+    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    ed = tmp_path / "EAGLE-tiny"
+    ed.mkdir()
+    (ed / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(ed / "model.safetensors"))
+    else:
+        torch.save(sd, ed / "pytorch_model.bin")
+    out = convert_main(["--eagle", str(ed), "--target-checkpoint", str(tpath)])
+
+    from checkpoint import load_model
+    target = load_model(tpath, "cpu", torch.float32)
+    draft = E.load_draft(out, target, dtype=torch.float32)
+    T = 9
+    feats, toks = torch.randn(1, T, cfg["hidden_size"]), torch.randint(0, cfg["vocab_size"], (1, T))
+    pos = torch.arange(T)[None]
+    with torch.no_grad():
+        x = fc(torch.cat([hf.model.embed_tokens(toks), feats], -1))
+        cos_sin = LlamaRotaryEmbedding(lc)(x, pos)
+        causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        ref = layer(x, attention_mask=causal, position_ids=pos, position_embeddings=cos_sin)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        got = draft(feats, toks)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(draft.logits(got), hf.lm_head(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_convert_eagle_errors(tmp_path):
+    from convert_hf_checkpoint import convert_eagle_checkpoint
+    from tiny import write_checkpoint
+    tpath, _, cfg = write_checkpoint(tmp_path / "target.pth")
+    with pytest.raises(UserError, match="target-checkpoint"):
+        convert_eagle_checkpoint(tmp_path, None)
+    with pytest.raises(UserError, match="not an EAGLE draft directory"):
+        convert_eagle_checkpoint(tmp_path / "nope", tpath)
+    import json
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 32}))
+    torch.save({}, tmp_path / "e" / "pytorch_model.bin")
+    with pytest.raises(UserError, match="different target"):
+        convert_eagle_checkpoint(tmp_path / "e", tpath)

@@ -1,0 +1,344 @@
+"""Speculative decoding: lossless greedy (every drafter and tree shape), lossless sampling (statistical),
+KV compaction, tree buffers, and no recompilation under torch.compile. CPU, fp32, tiny models."""
+import copy
+import math
+
+import pytest
+import torch
+
+import eagle_draft as E
+import speculative as SP
+from model import ModelArgs, Transformer
+from tiny import tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # microscopic models: thread hand-offs cost more than the math, and on a busy 2-core box far more
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_target(seed=0, scale=8.0, **kw):
+    torch.manual_seed(seed)
+    t = Transformer(ModelArgs.from_hf_config(tiny_config(**kw))).eval()
+    with torch.no_grad():   # peaked logits: greedy choices are far from ties (exact equality is meaningful)
+        t.output.weight.mul_(scale)
+    return t
+
+
+@torch.no_grad()
+def greedy_reference(t, prompt, n, stop=()):
+    """Plain greedy decoding, one token per forward, written independently of speculative.py."""
+    T = len(prompt)
+    n = min(n, t.args.max_position_embeddings - T)
+    t.setup_caches(1, min(T + n + 1, t.args.max_position_embeddings))
+    out = [int(t(prompt[None], torch.arange(T))[0, -1].argmax())]
+    while len(out) < n and out[-1] not in stop:
+        pos = T + len(out) - 1
+        out.append(int(t(torch.tensor([[out[-1]]]), torch.tensor([pos]))[0, -1].argmax()))
+    return out
+
+
+def train_draft(t, steps=120, seed=0, d2t=None):
+    """An EAGLE draft fitted to the tiny target's own greedy continuations, so acceptance is high and
+    deep tree paths are exercised."""
+    torch.manual_seed(seed)
+    B, P, G = 24, 8, 40
+    prompts = torch.randint(0, t.args.vocab_size, (B, P))
+    seqs = [greedy_reference(t, p, G) for p in prompts]
+    x = torch.cat([prompts, torch.tensor(seqs)], 1)
+    with torch.no_grad():
+        t.setup_caches(B, x.shape[1])
+        logits, feats = t(x, torch.arange(x.shape[1]), return_hidden=True)
+    d = E.EagleDraft(t.args, draft_vocab=d2t).bind_target(t)
+    opt = torch.optim.Adam([p for p in d.parameters()], lr=3e-3)
+    target_next = logits[:, 1:].argmax(-1)      # what the target predicts after x_{t+1}
+    if d2t is not None:
+        t2d = torch.full((t.args.vocab_size,), -100)
+        t2d[d2t] = torch.arange(d2t.numel())
+        target_next = t2d[target_next]
+    for _ in range(steps):
+        h = d(feats[:, :-1], x[:, 1:])
+        loss = torch.nn.functional.cross_entropy(d.logits(h).flatten(0, 1), target_next.flatten(),
+                                                 ignore_index=-100)
+        loss = loss + 5 * torch.nn.functional.smooth_l1_loss(h, feats[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return d.eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_target()
+
+
+@pytest.fixture(scope="module")
+def trained(target):
+    return train_draft(target)
+
+
+def _check(t, drafter, prompts, n, stop=(), min_tau=None):
+    taus = []
+    for p in prompts:
+        ref = greedy_reference(t, p, n, stop)
+        got, st = SP.speculative_generate(t, drafter, p, n, stop_ids=stop)
+        assert got == ref, (drafter.method, getattr(drafter, "plan", None) and drafter.plan.kind)
+        assert st["new_tokens"] == len(ref)
+        assert sum(st["accept_hist"]) == st["rounds"]
+        taus.append(st["mean_accepted"])
+    if min_tau is not None:
+        assert sum(taus) / len(taus) >= min_tau, taus
+    return taus
+
+
+def _prompts(seed, k=4, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g) for _ in range(k)]
+
+
+@pytest.mark.parametrize("kind,depth,topk,tokens", [("chain", 4, 1, 5), ("static", 5, 4, 16),
+                                                    ("dynamic", 4, 3, 10), ("dynamic", 6, 4, 24)])
+def test_greedy_lossless_random_and_trained_drafts(target, trained, kind, depth, topk, tokens):
+    random_draft = E.EagleDraft(target.args).eval().bind_target(target)
+    for draft, min_tau in ((random_draft, None), (trained, 1.8)):
+        dr = E.EagleDrafter(draft, kind, depth, topk, tokens)
+        _check(target, dr, _prompts(1), 40, min_tau=min_tau)
+
+
+def test_trained_draft_reaches_deep_paths(target, trained):
+    dr = E.EagleDrafter(trained, "dynamic", 6, 4, 24)
+    hist = [0] * 7
+    for p in _prompts(2, 6):
+        got, st = SP.speculative_generate(target, dr, p, 48)
+        assert got == greedy_reference(target, p, 48)
+        hist = [a + b for a, b in zip(hist, st["accept_hist"])]
+    assert sum(hist[4:]) > 0, hist          # some rounds accepted 4+ draft tokens
+
+
+def test_greedy_lossless_draft_vocab(target):
+    d2t = torch.randperm(256, generator=torch.Generator().manual_seed(3))[:96]
+    d = train_draft(target, steps=80, d2t=d2t)
+    _check(target, E.EagleDrafter(d, "dynamic", 5, 4, 16), _prompts(4), 32)
+
+
+def test_greedy_lossless_draft_model_and_lookup(target):
+    other = make_target(seed=5)
+    _check(target, SP.DraftModelDrafter(other, k=3), _prompts(5), 30)
+    # the target drafting for itself accepts every token: τ = k + 1 (up to the final truncated round)
+    _check(target, SP.DraftModelDrafter(copy.deepcopy(target), k=3), _prompts(6, 2), 33, min_tau=3.9)
+    _check(target, SP.LookupDrafter(k=5), _prompts(7), 40)
+
+
+def test_stops_eos_max_tokens_and_cache_end(target, trained):
+    # EOS mid-round: pick a token the greedy continuation really produces and use it as the stop id
+    for p in _prompts(8, 3):
+        ref = greedy_reference(target, p, 40)
+        stop = (ref[len(ref) // 2],)
+        for dr in (E.EagleDrafter(trained, "dynamic", 5, 4, 16), SP.LookupDrafter(4)):
+            got, _ = SP.speculative_generate(target, dr, p, 40, stop_ids=stop)
+            assert got == greedy_reference(target, p, 40, stop) and got[-1] == stop[0]
+    # max_new_tokens at every offset within a round
+    dr = E.EagleDrafter(trained, "chain", 4, 1, 5)
+    p = _prompts(9, 1)[0]
+    full = greedy_reference(target, p, 30)
+    for n in range(1, 12):
+        assert SP.speculative_generate(target, dr, p, n)[0] == full[:n]
+    # the cache end (max_position_embeddings 64) reached mid-round: shrink to plain steps, stop at the end
+    small = make_target(max_position_embeddings=64)
+    d = E.EagleDraft(small.args).eval().bind_target(small)
+    for T in (20, 37, 55):
+        p = torch.randint(0, 256, (T,))
+        got, st = SP.speculative_generate(small, E.EagleDrafter(d, "dynamic", 5, 4, 16), p, 100)
+        assert got == greedy_reference(small, p, 100) and len(got) == 64 - T
+
+
+def test_kv_compaction_matches_plain_decoding(target, trained):
+    """After rounds, target and draft caches hold what plain decoding of the accepted tokens gives."""
+    p = _prompts(10, 1)[0]
+    dr = E.EagleDrafter(trained, "dynamic", 5, 4, 16)
+    got, st = SP.speculative_generate(target, dr, p, 25)
+    assert st["mean_accepted"] > 1.5
+    T = len(p)
+    n = T + len(got) - 1                         # tokens in the cache (the last one was never fed)
+    k_spec = [l.attention.kv_cache.k_cache[..., :n, :].clone() for l in target.layers]
+    v_spec = [l.attention.kv_cache.v_cache[..., :n, :].clone() for l in target.layers]
+    d_k = trained.layer.attention.kv_cache.k_cache[..., :n - 1, :].clone()
+    seq = torch.cat([p, torch.tensor(got)])
+    ref = copy.deepcopy(target)
+    ref.setup_caches(1, 128)
+    with torch.no_grad():
+        feats = ref.hidden(seq[None, :n], torch.arange(n))
+    for l, k, v in zip(ref.layers, k_spec, v_spec):
+        torch.testing.assert_close(l.attention.kv_cache.k_cache[..., :n, :], k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l.attention.kv_cache.v_cache[..., :n, :], v, atol=1e-5, rtol=1e-5)
+    rd = copy.deepcopy(trained).bind_target(ref)
+    rd.setup_caches(128)
+    with torch.no_grad():
+        rd(feats[:, :n - 1], seq[None, 1:n], torch.arange(n - 1))
+    torch.testing.assert_close(rd.layer.attention.kv_cache.k_cache[..., :n - 1, :], d_k, atol=1e-5, rtol=1e-5)
+
+
+def test_tree_buffers():
+    # root → a, b ; a → c ; c → d ; padding node
+    tok = torch.tensor([5, 6, 7, 8, 9, 0])
+    parent = torch.tensor([0, 0, 0, 1, 3, 0])
+    valid = torch.tensor([True, True, True, True, True, False])
+    tr = SP.make_tree(tok, parent, valid, 3, 2)
+    assert tr.depth.tolist() == [0, 1, 1, 2, 3, 0]
+    assert tr.mask[4].tolist() == [True, True, False, True, True, False]
+    assert tr.mask[5].tolist() == [False] * 5 + [True]          # padding attends to itself only
+    assert tr.paths[4].tolist() == [0, 1, 3, 4]
+    assert tr.children[0].tolist() == [1, 2] and tr.children[1].tolist() == [3, -1]
+    # greedy acceptance: target argmax after root = 6, after node 1 = 8, after node 3 = 1 (≠ 9)
+    logits = torch.full((6, 10), -1.0)
+    for i, nxt in enumerate([6, 8, 0, 1, 0, 0]):
+        logits[i, nxt] = 1.0
+    path, n, bonus = SP.accept_greedy(tr, logits)
+    assert int(n) == 3 and path[:3].tolist() == [0, 1, 3] and int(bonus) == 1
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_plans_are_ancestor_closed(target, kind):
+    d = E.EagleDraft(target.args).eval().bind_target(target)
+    d.setup_caches(64)
+    dr = E.EagleDrafter(d, kind, 5, 4, 20)
+    dr.h_root = torch.randn(64)
+    for temp in (0.0, 1.0):
+        tr = dr.propose(torch.tensor(3), torch.tensor(10), temp)
+        assert (tr.parent < torch.arange(tr.parent.numel())).tolist()[1:] == [True] * (tr.parent.numel() - 1)
+        assert int(tr.depth.max()) <= 5 and tr.tokens.numel() == dr.N
+        if temp > 0:    # every node with children has the distribution they were drawn from
+            has_kids = (tr.children >= 0).any(1)
+            assert (tr.qrow[has_kids] >= 0).all()
+
+
+# ---- sampling: the output distribution is the target's -------------------------------------------
+
+V_SMALL, M = 16, 4
+
+
+def exact_joint(t, prompt, temperature, top_k, top_p):
+    """P(x1..xM | prompt) under plain sampling from logits_to_probs, by enumerating all V^(M-1) prefixes."""
+    T = len(prompt)
+    joint = torch.ones(1)
+    for m in range(M):
+        pre = torch.cartesian_prod(*[torch.arange(V_SMALL)] * m).view(-1, m) if m else torch.zeros(1, 0).long()
+        t.setup_caches(pre.shape[0], T + M)
+        seq = torch.cat([prompt.expand(pre.shape[0], T), pre], 1)
+        with torch.no_grad():
+            lg = t(seq, torch.arange(seq.shape[1]))[:, -1]
+        p = SP.logits_to_probs(lg, temperature, top_k, top_p)
+        joint = (joint[:, None] * p).flatten()
+    return joint.view(*[V_SMALL] * M)
+
+
+def _gumbel_topk(logq, k):
+    return torch.topk(logq - torch.empty_like(logq).exponential_().log(), k, dim=-1).indices
+
+
+def _tree_round_samples(n, top_k, top_p, draw=True, seed=0):
+    """n independent rounds of tree rejection sampling, batched, on a synthetic target and draft.
+
+    Tree: root → c0, c1, c2 (drawn without replacement from q_root); c0 → 2 children, c1 → 1 child (drawn
+    from q at that node, a function of its token). Target distributions come from logits tables indexed
+    by the path. Each round's output is completed to 3 tokens from the exact target conditionals (what
+    the next rounds would do), so the result must be distributed exactly as plain sampling."""
+    g = torch.Generator().manual_seed(seed)
+    V = V_SMALL
+    lg0, lg1, lg2 = (torch.randn(*s, generator=g) * 2 for s in [(V,), (V, V), (V, V, V)])
+    lq0, lq1 = torch.randn(V, generator=g) * 2, torch.randn(V, V, generator=g) * 2
+    torch.manual_seed(seed + 1)
+    logq0 = lq0.log_softmax(-1).expand(n, V)
+    pick = _gumbel_topk if draw else (lambda lq, k: torch.topk(lq, k, dim=-1).indices)
+    c = pick(logq0, 3)                                          # [n, 3] in draw order
+    g0 = pick(lq1[c[:, 0]].log_softmax(-1), 2)
+    g1 = pick(lq1[c[:, 1]].log_softmax(-1), 1)
+    tokens = torch.cat([torch.zeros(n, 1).long(), c, g0, g1], 1)           # nodes 0 | 1 2 3 | 4 5 | 6
+    parent = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    tree = SP.make_tree(tokens[0], parent, torch.ones(7, dtype=torch.bool), 2, 3)
+    tree.tokens = tokens
+    tree.q = torch.stack([lq0.softmax(-1).expand(n, V), lq1[c[:, 0]].softmax(-1), lq1[c[:, 1]].softmax(-1)], 1)
+    tree.qrow = torch.tensor([0, 1, 2, -1, -1, -1, -1])
+    logits = torch.stack([lg0.expand(n, V), lg1[c[:, 0]], lg1[c[:, 1]], lg1[c[:, 2]],
+                          lg2[c[:, 0], g0[:, 0]], lg2[c[:, 0], g0[:, 1]], lg2[c[:, 1], g1[:, 0]]], 1)
+    path, n_acc, bonus = SP.accept_sample(tree, logits, 1.0, top_k, top_p)
+    acc_tok = tokens.gather(1, path)                            # [n, 3]: root, then accepted nodes
+    out = torch.zeros(n, 3).long()
+    for j in range(3):                                          # accepted tokens, then the bonus
+        out[:, j] = torch.where(n_acc - 1 > j, acc_tok[:, (j + 1) % 3], bonus)
+    probs = lambda lg: SP.logits_to_probs(lg, 1.0, top_k, top_p)   # noqa: E731
+    # complete to 3 tokens from the exact target (the rounds after this one)
+    y2 = SP.sample_from(probs(lg1[out[:, 0]]))
+    out[:, 1] = torch.where(n_acc >= 2, out[:, 1], y2)
+    y3 = SP.sample_from(probs(lg2[out[:, 0], out[:, 1]]))
+    out[:, 2] = torch.where(n_acc >= 3, out[:, 2], y3)
+    exact = probs(lg0)[:, None, None] * probs(lg1)[:, :, None] * probs(lg2)
+    return out, exact, n_acc
+
+
+def _distribution_tests(out, exact, dims_list):
+    from scipy.stats import chi2
+    n = out.shape[0]
+    M_ = out.shape[1]
+    counts = torch.zeros(*[V_SMALL] * M_)
+    counts.index_put_(tuple(out.t()), torch.ones(n), accumulate=True)
+    emp = counts / n
+    worst = (0.0, 1.0)
+    for dims in dims_list:
+        others = tuple(i for i in range(M_) if i not in dims)
+        pe, pt = (emp.sum(others) if others else emp).flatten(), (exact.sum(others) if others else exact).flatten()
+        # total variation relative to what sampling noise alone gives (E|p̂-p| ≈ sqrt(2p(1-p)/(πn)))
+        tv = 0.5 * (pe - pt).abs().sum().item()
+        noise = 0.5 * (2 * pt * (1 - pt) / (math.pi * n)).sqrt().sum().item()
+        tv = tv / max(noise, 1e-12)
+        big = pt * n >= 5               # chi-square on cells with enough expected counts, the rest pooled
+        obs = torch.cat([pe[big] * n, (pe[~big].sum() * n).view(1)])
+        exp = torch.cat([pt[big] * n, (pt[~big].sum() * n).view(1)])
+        keep = exp > 0
+        stat = (((obs - exp) ** 2) / exp)[keep].sum().item()
+        pval = chi2.sf(stat, int(keep.sum()) - 1)
+        worst = (max(worst[0], tv), min(worst[1], pval))
+    return worst
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (6, None), (None, 0.8), (6, 0.8)])
+def test_tree_rejection_sampling_is_lossless(top_k, top_p):
+    out, exact, n_acc = _tree_round_samples(100_000, top_k, top_p)
+    assert (n_acc >= 2).float().mean() > 0.2 and (n_acc == 3).any()     # the tree is really used
+    tv, pval = _distribution_tests(out, exact, [(0,), (1,), (2,), (0, 1), (1, 2), (0, 1, 2)])
+    assert tv < 1.5 and pval > 1e-4, (tv, pval)    # tv: in units of the expected sampling noise
+
+
+def test_tree_rejection_sampling_test_has_power():
+    # deterministic top-k children with min(1, p/q) acceptance is biased: the same test must catch it
+    out, exact, _ = _tree_round_samples(100_000, None, None, draw=False)
+    _, pval = _distribution_tests(out, exact, [(0,), (1,), (2,), (0, 1), (1, 2), (0, 1, 2)])
+    assert pval < 1e-6
+
+
+def test_sampling_lossless_end_to_end(top_k=5, top_p=0.9):
+    """The real EAGLE drafter + speculative_generate on a microscopic target (fewer samples: each is a
+    full generation), against the exact distribution of the first M tokens."""
+    cfg = dict(vocab_size=V_SMALL, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=1)
+    t = make_target(seed=1, scale=4.0, **cfg)
+    prompt = torch.tensor([3, 7, 1])
+    exact = exact_joint(t, prompt, 1.0, top_k, top_p)
+    draft = E.EagleDraft(t.args).eval().bind_target(t)
+    dr = E.EagleDrafter(draft, "dynamic", 3, 3, 8)
+    n = 800
+    torch.manual_seed(1)
+    outs, taus = [], []
+    for _ in range(n):
+        out, st = SP.speculative_generate(t, dr, prompt, M, temperature=1.0, top_k=top_k, top_p=top_p)
+        outs.append(out)
+        taus.append(st["mean_accepted"])
+    assert sum(taus) / n > 1.2          # speculation really happened (accepted draft tokens)
+    tv, pval = _distribution_tests(torch.tensor(outs), exact, [(1,), (2,), (3,)])
+    assert tv < 1.5 and pval > 1e-4, (tv, pval)
