@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
@@ -124,6 +125,12 @@ def summarize(records: list[dict], model_bytes_of: dict, roofline: dict) -> list
     for r in records:
         groups.setdefault((r["precision"], r["temperature"], r["method"]), []).append(r)
     rows = []
+    base_prec = records[0]["precision"] if records else None
+    base_rate = {}
+    for (prec, temp, method), recs in groups.items():
+        if prec == base_prec and method == "ar":
+            t = sum(r["decode_s"] for r in recs)
+            base_rate[temp] = sum(r["decode_tok_s"] * r["decode_s"] for r in recs) / t if t > 0 else None
     for (prec, temp, method), recs in groups.items():
         ar = {(r["prompt_id"], r["turn"]): r for r in groups.get((prec, temp, "ar"), [])}
         dec_tokens = sum(r["decode_tok_s"] * r["decode_s"] for r in recs)
@@ -140,6 +147,8 @@ def summarize(records: list[dict], model_bytes_of: dict, roofline: dict) -> list
             "speedup": agg / ar_agg if agg and ar_agg else None,
             "speedup_median": _median([r["decode_tok_s"] / a["decode_tok_s"] for r, a in paired
                                        if a["decode_tok_s"]]),
+            # the cross-precision ratio (int8 vs bf16): to the first precision's `ar` at this temperature
+            "vs_base_ar": agg / base_rate[temp] if agg and base_rate.get(temp) else None, "base_precision": base_prec,
             "ttft_ms_median": _median([r["ttft_s"] * 1e3 if r["ttft_s"] is not None else None for r in recs]),
             "peak_mem_mb": max((r["peak_mem_bytes"] or 0) for r in recs) / 2**20 or None,
         }
@@ -177,7 +186,7 @@ def _fmt(x, spec=".1f", none="–"):
 
 
 TABLE_COLUMNS = ["precision", "T", "method", "prompts", "tok/s", "tok/s (median)", "speedup", "speedup (median)",
-                 "τ", "accept@1,2,3…", "TTFT ms", "peak MB", "GB/s", "same text as ar"]
+                 "vs base ar", "τ", "accept@1,2,3…", "TTFT ms", "peak MB", "GB/s", "same text as ar"]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -190,7 +199,8 @@ def markdown_table(rows: list[dict]) -> str:
             bw += f" ({r['roofline_fraction']:.0%} of roofline)"
         cells = [r["precision"], _fmt(r["temperature"], "g"), r["method"], str(r["n"]), _fmt(r["tok_s"]),
                  _fmt(r["tok_s_median"]), _fmt(r["speedup"], ".2f") + ("×" if r["speedup"] else ""),
-                 _fmt(r["speedup_median"], ".2f") + ("×" if r["speedup_median"] else ""), _fmt(r["tau"], ".2f"),
+                 _fmt(r["speedup_median"], ".2f") + ("×" if r["speedup_median"] else ""),
+                 _fmt(r.get("vs_base_ar"), ".2f") + ("×" if r.get("vs_base_ar") else ""), _fmt(r["tau"], ".2f"),
                  acc, _fmt(r["ttft_ms_median"], ".0f"), _fmt(r["peak_mem_mb"], ".0f"), bw, same]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -205,7 +215,8 @@ def results_markdown(results: dict) -> str:
            f"→ roofline " + ", ".join(f"{p} {t:.0f} tok/s" for p, t in roof["tok_s"].items()) + ".", "",
            markdown_table(results["summary"]),
            "tok/s = decode tokens per second (aggregate: all decode tokens / all decode time; median over prompts). "
-           "speedup = ratio to `ar` on the same prompts in the same run. τ = tokens accepted per target forward "
+           "speedup = ratio to `ar` on the same prompts in the same run; vs base ar = ratio to the first precision's "
+           f"`ar` ({results['config']['precisions'][0]}). τ = tokens accepted per target forward "
            "(bonus token included). accept@d = fraction of rounds accepting ≥ d drafted tokens. "
            "same text as ar (temperature 0 only) = outputs token-identical to plain decoding."]
     return "\n".join(out) + "\n"
@@ -296,34 +307,43 @@ def _sync(device: str) -> None:
 
 
 class PeakMemory:
-    """Peak memory of one configuration. CUDA: the allocator's high-water mark. CPU: the process's peak RSS
-    (VmHWM), which Linux lets a process reset by writing 5 to /proc/self/clear_refs; where that is not
-    possible the value is the process-wide peak so far (ru_maxrss) and only an upper bound."""
+    """Memory one run needs beyond what is already resident (every precision's weights stay loaded, so the
+    process-wide peak would be the sum of all of them). CUDA: the allocator's high-water mark above the
+    allocation at reset. CPU: peak RSS (VmHWM) above RSS at reset; Linux lets a process restart VmHWM by
+    writing 5 to /proc/self/clear_refs. Where that is not possible the transient part reads as 0."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
+        self.base = 0
+
+    @staticmethod
+    def _status(field: str) -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
 
     def reset(self) -> None:
         if self.cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
             return
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+            self.base = self._status("VmRSS:") or 0
         except OSError:
-            pass
+            self.base = None
 
     def read(self) -> int:
         if self.cuda:
-            return torch.cuda.max_memory_allocated()
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return max(0, torch.cuda.max_memory_allocated() - self.base)
+        hwm = self._status("VmHWM:")
+        return max(0, hwm - self.base) if hwm is not None and self.base is not None else 0
 
 
 # ------------------------------------------------------------------------------------------- the runners
@@ -400,6 +420,25 @@ class Ours:
         length = min(cap, 256 * -(-need // 256))
         self.model.setup_caches(1, length)
         return length
+
+    def resident_bytes(self) -> dict:
+        """Bytes each method keeps resident: the target's weights and caches, plus the drafter's own modules
+        (an EAGLE layer or a draft LM; tensors shared with the target counted once)."""
+        def tensors(mod):
+            return list(mod.parameters()) + list(mod.buffers())
+
+        base = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors(self.model)}
+        out = {"ar": sum(base.values()), "ar-eager": sum(base.values())}
+        for m, d in self.drafters.items():
+            extra = {}
+            for v in vars(d).values():
+                if isinstance(v, torch.nn.Module) and v is not self.model:
+                    for t in tensors(v):
+                        ptr = t.untyped_storage().data_ptr()
+                        if ptr not in base:
+                            extra[ptr] = t.untyped_storage().nbytes()
+            out[m] = out["ar"] + sum(extra.values())
+        return out
 
     def decode(self, ids: list[int]) -> str:
         stop = set(self.tokenizer.stop_ids)
@@ -550,7 +589,7 @@ def parse_args(argv=None):
     p.add_argument("--raw", action="store_true", help="no chat template (humaneval is always raw)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--methods", default="ar,eagle,lookup", help=",".join(METHODS))
-    p.add_argument("--precisions", default="bf16", help=",".join(PRECISIONS))
+    p.add_argument("--precisions", default="fp32", help=",".join(PRECISIONS))
     p.add_argument("--temperature", default="0", help="comma-separated, e.g. 0,1")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -566,6 +605,8 @@ def parse_args(argv=None):
     p.add_argument("--peer", default="", help="comma-separated: hf, llamacpp")
     p.add_argument("--gguf", default=None, help="GGUF for --peer llamacpp")
     p.add_argument("--out", default="results", help="output directory")
+    p.add_argument("--readme", default=None,
+                   help="also rewrite this README's Performance section from the results (scripts/readme_perf.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="prompts run (and discarded) before measuring")
     args = p.parse_args(argv)
@@ -616,6 +657,11 @@ def parse_args(argv=None):
             import transformers  # noqa: F401
         except ImportError:
             raise UserError("--peer hf needs Hugging Face transformers: pip install transformers")
+    if args.readme:
+        text = Path(args.readme).read_text() if Path(args.readme).exists() else ""
+        if text.count("<!-- perf:start -->") != 1 or text.count("<!-- perf:end -->") != 1:
+            raise UserError(f"--readme {args.readme} needs one '<!-- perf:start -->' and one '<!-- perf:end -->' "
+                            f"marker (checked before the run so it is not wasted)")
     if not Path(args.checkpoint).exists():
         raise UserError(f"checkpoint not found: {args.checkpoint} (run `python generate.py` once to prepare the "
                         f"default model, or convert_hf_checkpoint.py)")
@@ -641,31 +687,39 @@ def main(argv=None):
     bandwidth = measure_bandwidth(device)
     print(f"measured read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
 
-    records, model_bytes_of, peak = [], {}, PeakMemory(device)
+    # Every precision is loaded up front and interleaved prompt by prompt too, so cross-precision ratios
+    # (int8 vs bf16) hold on a noisy machine as well as method ratios do.
+    engines, model_bytes_of = {}, {}
     for precision in args.precisions:
         ours = Ours(args, precision, device)
         model_bytes_of[precision] = ours.bytes
         cache_len = ours.fix_cache(prompts, args.max_new_tokens)
-        runners = {m: (lambda ids, t, n, m=m: ours.run(m, ids, t, n)) for m in args.methods}
+        runners = {m: (lambda ids, t, n, m=m, o=ours: o.run(m, ids, t, n)) for m in args.methods}
         # transformers has no loader for our quantized files: its rows exist for float precisions only.
         if "hf" in peers and PRECISIONS[precision][1] is None:
             hf = HFPeer(args, precision, device, ours.tokenizer.stop_ids, cache_len)
             for v in hf.variants:
-                runners[v] = lambda ids, t, n, v=v: hf.run(v, ids, t, n, args.top_k, args.top_p)
-        if "llamacpp" in peers:
+                runners[v] = lambda ids, t, n, v=v, hf=hf: hf.run(v, ids, t, n, args.top_k, args.top_p)
+        if "llamacpp" in peers and precision == args.precisions[0]:
             lc = LlamaCppPeer(args)
-            runners["llamacpp"] = lambda ids, t, n: lc.run(ids, t, n, ours.tokenizer.stop_ids)
+            runners["llamacpp"] = lambda ids, t, n, o=ours: lc.run(ids, t, n, o.tokenizer.stop_ids)
+        engines[precision] = (ours, runners)
 
-        # Warm-up: compiles, faults weights in, settles caches. Short generations suffice because the decode
-        # and verify steps have static shapes.
-        for item in prompts[:args.warmup]:
+    # Warm-up: compiles, faults weights in, settles caches. Short generations suffice because the decode
+    # and verify steps have static shapes.
+    for item in prompts[:args.warmup]:
+        for ours, runners in engines.values():
             ids = ours.encode(item, 0, [])
             for temp in args.temperatures:
                 for fn in runners.values():
                     fn(ids, temp, min(args.max_new_tokens, 32))
 
-        for pi, item in enumerate(tqdm(prompts, desc=f"{precision} prompts", file=sys.stderr)):
-            for temp in args.temperatures:
+    # After the warm-up, so drafters' caches (allocated on first use) count as resident, not transient.
+    resident = {p: ours.resident_bytes() for p, (ours, _) in engines.items()}
+    records, peak = [], PeakMemory(device)
+    for pi, item in enumerate(tqdm(prompts, desc="prompts", file=sys.stderr)):
+        for temp in args.temperatures:
+            for precision, (ours, runners) in engines.items():
                 history = []
                 for turn in range(len(item["turns"])):
                     ids = ours.encode(item, turn, history)
@@ -676,7 +730,8 @@ def main(argv=None):
                         torch.manual_seed(args.seed * 1_000_003 + pi * 101 + turn)
                         peak.reset()
                         r = fn(ids, temp, args.max_new_tokens)
-                        r["peak_mem_bytes"] = peak.read()
+                        held = resident[precision]
+                        r["peak_mem_bytes"] = held.get(name, held["ar"]) + peak.read()
                         if name == "ar":
                             ar_tokens = r["tokens"]
                         div = first_divergence(r["tokens"], ar_tokens) if ar_tokens is not None else None
@@ -687,9 +742,7 @@ def main(argv=None):
                         records.append(r)
                     # The next turn continues from ar's answer so every method sees the same context.
                     history.append(ours.decode(ar_tokens))
-        del ours, runners
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    del engines
 
     roofline = {"bandwidth_gb_s": bandwidth, "model_bytes": model_bytes_of,
                 "tok_s": {p: bandwidth * 1e9 / b for p, b in model_bytes_of.items()}}
@@ -717,6 +770,9 @@ def main(argv=None):
     write_plot(summary, out / "results.png")
     print(markdown_table(summary))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}", file=sys.stderr)
+    if args.readme:
+        import readme_perf
+        readme_perf.main(["--results", str(out / "results.json"), "--readme", args.readme])
 
 
 if __name__ == "__main__":

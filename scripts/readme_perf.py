@@ -37,9 +37,10 @@ def perf_block(results: dict, plot: str | None) -> str:
         "bytes) is " + ", ".join(f"{p} {t:.0f} tok/s" for p, t in roof["tok_s"].items()) + ".", "",
         markdown_table(results["summary"]).rstrip("\n"), "",
         "Speedups are ratios to plain decoding (`ar`) on the same prompts in the same process, interleaved "
-        "prompt by prompt. τ = tokens accepted per target forward (bonus token included); accept@d = fraction "
-        "of rounds accepting at least d drafted tokens; \"same text as ar\" counts temperature-0 outputs that are "
-        "token-identical to plain decoding.",
+        "prompt by prompt; \"vs base ar\" compares with the first precision's `ar` "
+        f"({(cfg.get('precisions') or ['?'])[0]}). τ = tokens accepted per target forward (bonus token included); "
+        "accept@d = fraction of rounds accepting at least d drafted tokens; \"same text as ar\" counts "
+        "temperature-0 outputs that are token-identical to plain decoding.",
     ]
     if plot:
         lines += ["", f"![speedup and τ per method]({plot})"]
@@ -47,7 +48,8 @@ def perf_block(results: dict, plot: str | None) -> str:
 
 
 def replace_block(readme_text: str, block: str, readme_name: str = "README.md") -> str:
-    if readme_text.count(START) != 1 or readme_text.count(END) != 1 or readme_text.index(START) > readme_text.index(END):
+    if readme_text.count(START) != 1 or readme_text.count(END) != 1 \
+            or readme_text.index(START) > readme_text.index(END):
         raise UserError(f"{readme_name} must contain exactly one '{START}' followed by one '{END}' "
                         f"(put them where the Performance section goes)")
     head, rest = readme_text.split(START, 1)

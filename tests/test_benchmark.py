@@ -58,10 +58,13 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     prompts.write_text(json.dumps({"id": "q1", "turns": ["the quick brown fox", "return a + b"]}) + "\n"
                        + json.dumps({"prompt": "never measured: --limit 1"}) + "\n")
     out = tmp_path / "out"
+    readme = tmp_path / "README.md"
+    readme.write_text("# tiny\n<!-- perf:start -->\n<!-- perf:end -->\n")
     r = run_bench("--checkpoint", tiny_ckpt, "--prompts", prompts, "--limit", 1, "--turns", 2, "--methods",
                   "ar,lookup", "--precisions", "fp32", "--temperature", "0,1", "--max-new-tokens", 12,
-                  "--device", "cpu", "--peer", "hf", "--out", out)
+                  "--device", "cpu", "--peer", "hf", "--out", out, "--readme", readme)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "| fp32 | 0 | lookup | 2 |" in readme.read_text() and "](out/results.png)" in readme.read_text()
 
     res = json.loads((out / "results.json").read_text())
     assert res["command"].startswith("python ") and "--methods ar,lookup" in res["command"]
@@ -91,6 +94,9 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
         assert row["n"] == 2 and row["tok_s"] > 0 and row["speedup"] > 0 and row["ttft_ms_median"] > 0
         assert row["tau"] is None if m.startswith("hf") else row["tau"] >= 1
     assert rows[(0.0, "ar")]["speedup"] == pytest.approx(1.0) and rows[(0.0, "ar")]["bandwidth_gb_s"] > 0
+    assert rows[(0.0, "ar")]["vs_base_ar"] == pytest.approx(1.0)
+    # resident weights + caches are part of every configuration's memory
+    assert rows[(0.0, "ar")]["peak_mem_mb"] * 2**20 >= res["roofline"]["model_bytes"]["fp32"]
     assert rows[(0.0, "lookup")]["identical"] == 2 and rows[(0.0, "lookup")]["compared"] == 2
     assert rows[(0.0, "hf")]["identical"] == 2
 
@@ -112,6 +118,7 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     (["--methods", "ar,draft"], "--draft-checkpoint"),
     (["--checkpoint", "/nonexistent/model.pth"], "checkpoint not found"),
     (["--prompts", "/nonexistent.jsonl"], "--prompts"),
+    (["--readme", "/nonexistent/README.md"], "perf:start"),
 ])
 def test_bad_arguments_one_line_exit_2(tiny_ckpt, capsys, args, needle):
     if "--checkpoint" not in args:
