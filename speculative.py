@@ -475,6 +475,7 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
 DEFAULTS = {"dynamic": dict(depth=5, topk=8, tokens=24), "static": dict(depth=5, topk=4, tokens=20),
             "chain": dict(depth=5, topk=1, tokens=6)}
 LOOKUP_K, DRAFT_LM_K = 6, 4
+SHIPPED_DRAFT = "eagle_draft.pth"   # --speculate without --draft looks for this next to the target's model.pth
 
 
 def measure_verify_cost(target, ns=range(1, 65), reps: int = 3, forward=target_tree_forward) -> dict:
@@ -526,6 +527,11 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
         d = DraftModelDrafter(dm, k=tree_depth or DRAFT_LM_K, compile=compile)
     elif method == "eagle":
         import eagle_draft
+        if draft_path is None:   # the draft shipped next to the target checkpoint, if there is one
+            from pathlib import Path
+            meta = getattr(target, "checkpoint_meta", None) or {}
+            shipped = Path(meta["path"]).parent / SHIPPED_DRAFT if meta.get("path") else None
+            draft_path = shipped if shipped is not None and shipped.exists() else None
         if draft_path is None:
             raise UserError("--spec-method eagle needs an EAGLE draft (--draft PATH; train one with "
                             "scripts/train_eagle.py or convert one with convert_hf_checkpoint.py --eagle)")
@@ -558,3 +564,31 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
         d.verify_forward = torch.compile(target_tree_forward, fullgraph=True, dynamic=False)
         d.plain_forward = torch.compile(_plain_step, fullgraph=True, dynamic=False)
     return d
+
+
+def main(argv=None):
+    """python speculative.py --measure-verify CHECKPOINT [--compile] [--dtype bf16]: the target's verify
+    cost for n = 1..64 tree tokens (what --tree-tokens auto measures), as a table."""
+    import argparse
+    from checkpoint import load_model
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--measure-verify", required=True, help="target checkpoint (model.pth)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--max-n", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    a = p.parse_args(argv)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    target = load_model(a.measure_verify, "cpu", dtype)
+    target.setup_caches(1, 512)
+    fwd = torch.compile(target_tree_forward, fullgraph=True, dynamic=False) if a.compile else target_tree_forward
+    with torch.no_grad():
+        cost = measure_verify_cost(target, range(1, a.max_n + 1), a.reps, fwd)
+    for n, s in cost.items():
+        print(f"n={n:3d}  {s * 1e3:8.2f} ms  x{s / cost[1]:.2f}")
+    print(f"--tree-tokens auto would pick {pick_tree_tokens(cost)}")
+
+
+if __name__ == "__main__":
+    from checkpoint import run_cli
+    run_cli(main)

@@ -342,3 +342,24 @@ def test_sampling_lossless_end_to_end(top_k=5, top_p=0.9):
     assert sum(taus) / n > 1.2          # speculation really happened (accepted draft tokens)
     tv, pval = _distribution_tests(torch.tensor(outs), exact, [(1,), (2,), (3,)])
     assert tv < 1.5 and pval > 1e-4, (tv, pval)
+
+
+def test_compiled_generation_does_not_recompile(target, trained):
+    """compile=True: the verify step, the draft tree step and the draft catch-up step each compile once;
+    further generations (other prompts, lengths, sampling) add no graphs and stay lossless."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    t = copy.deepcopy(target)
+    d = copy.deepcopy(trained).bind_target(t)
+    prompts = _prompts(11, 3)
+    refs = [greedy_reference(target, p, 24) for p in prompts]
+    dr = E.EagleDrafter(d, "dynamic", 4, 3, 10, compile=True)
+    dr.verify_forward = torch.compile(SP.target_tree_forward, fullgraph=True, dynamic=False)
+    t.setup_caches(1, 128)
+    SP.speculative_generate(t, dr, torch.randint(0, 256, (5,)), 16)        # warm-up
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3
+    for p, ref in zip(prompts, refs):
+        assert SP.speculative_generate(t, dr, p, 24)[0] == ref
+    SP.speculative_generate(t, dr, prompts[0], 24, temperature=1.0, top_k=20)
+    assert counters["stats"]["unique_graphs"] == graphs
