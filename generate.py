@@ -92,14 +92,14 @@ decode_step = decode_one_token
 prefill_step = prefill
 
 
-def compile_decode(mode: Optional[str] = None):
+def compile_decode(mode: Optional[str] = None, device: Optional[str] = None):
     """Compile the one-token decode step once, with fullgraph=True so any graph break is an error instead of
-    a silent slowdown. mode=None picks "reduce-overhead" (CUDA graphs: one launch per token) on CUDA and
-    Inductor's default (C++/OpenMP kernels) on CPU. The cache device is taken from the default device
-    unless the caller passes a mode."""
+    a silent slowdown. mode=None picks "reduce-overhead" (CUDA graphs: one launch per token) when decoding
+    on CUDA (`device`, default: CUDA if available) and Inductor's default (C++/OpenMP kernels) on CPU."""
     global decode_step
     if mode is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+        on_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+        mode = "reduce-overhead" if on_cuda else "default"
     decode_step = torch.compile(decode_one_token, fullgraph=True, mode=mode)
     return decode_step
 
@@ -141,7 +141,8 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     prompt: [T] or [B, T] token ids on the model's device. Returns (tokens, stats):
       tokens — one list per batch row of the new tokens only; a row ends at its first stop id (included)
                or after max_new_tokens.
-      stats  — new_tokens (all rows), prompt_tokens, batch_size, decode_steps, time_to_first_token_s,
+      stats  — new_tokens (all rows), prompt_tokens, cached_prompt_tokens (= start_pos), batch_size,
+               decode_steps, time_to_first_token_s,
                decode_s, decode_tokens_per_s (decode steps per second after the first token; at batch 1
                that is tokens/s, and it is what weight bandwidth is proportional to).
     callback(row, ids) is called as tokens are appended to a row (ids is a list; the stop id is included,
@@ -211,6 +212,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     decode_s = t_end - t_first
     stats = {
         "prompt_tokens": T,
+        "cached_prompt_tokens": start_pos,
         "batch_size": B,
         "new_tokens": sum(len(r) for r in out),
         "decode_steps": steps,
@@ -374,10 +376,12 @@ def encode_prompt(a, tok, text: str) -> list:
 def stats_line(stats: dict, nbytes: int, label: str = "") -> str:
     bw = nbytes * stats["decode_tokens_per_s"] / 1e9
     extra = f", {stats['mean_accepted']:.2f} tokens per target step" if "mean_accepted" in stats else ""
-    return (f"{label}{stats['new_tokens']} tokens (prompt {stats['prompt_tokens']}, batch "
+    cached = stats.get("cached_prompt_tokens", 0)
+    cached = f", {cached} of them already cached" if cached else ""
+    return (f"{label}{stats['new_tokens']} tokens (prompt {stats['prompt_tokens']}{cached}, batch "
             f"{stats['batch_size']}), time to first token {stats['time_to_first_token_s']:.3f} s, decode "
             f"{stats['decode_tokens_per_s']:.1f} tok/s, bandwidth {bw:.2f} GB/s "
-            f"(weights {nbytes / 1e6:.0f} MB per step, KV cache not counted){extra}")
+            f"(weights {nbytes / 1e6:.1f} MB per step, KV cache not counted){extra}")
 
 
 class _Streamer:
@@ -495,7 +499,7 @@ def main(argv=None) -> None:
 
     gen = speculative_generator(a, model, device, dtype) if a.speculate else generate
     if a.compile:
-        compile_decode()
+        compile_decode(device=device)
     if a.compile_prefill:
         compile_prefill()
     if a.compile or a.compile_prefill:

@@ -191,15 +191,18 @@ def test_cli_streams_text_matching_json(tiny_dir):
     assert "tok/s" in plain.stderr and "GB/s" in plain.stderr and "time to first token" in plain.stderr
 
 
-def test_cli_chat_batch_and_samples(tiny_dir):
+def test_cli_chat_batch_and_samples(tiny_dir, tmp_path):
     ckpt = str(tiny_dir / "model.pth")
+    trace = tmp_path / "trace.json"
     r = run_cli("--checkpoint", ckpt, "--chat", "--system", "be brief", "--prompt", "hi", "--json",
+                "--profile", str(trace),
                 "--max-new-tokens", "8", "--batch-size", "2", "--num-samples", "2", "--temperature", "0.8",
                 "--top-k", "50", "--top-p", "0.9", "--seed", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert [(x["sample"], x["row"]) for x in recs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(x["new_tokens"] <= 8 for x in recs)
+    assert "traceEvents" in json.loads(trace.read_text())
 
 
 def test_cli_speculative_lookup_matches_plain(tiny_dir):
@@ -219,6 +222,8 @@ def test_cli_interactive_two_turns(tiny_dir):
                        input="hello there\nand again\n", capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("tok/s") == 2
+    # the second turn re-renders the conversation; everything up to the first reply is reused from the cache
+    assert r.stderr.count("already cached") == 1
 
 
 def test_real_model_knows_paris(request):
