@@ -510,7 +510,8 @@ def eagle_loss(draft, feats: Tensor, tokens: Tensor, loss_mask: Tensor, noise: f
 
 
 @torch.no_grad()
-def chain_acceptance(draft, target_head, feats: Tensor, tokens: Tensor, starts, depth: int = 5) -> Tensor:
+def chain_acceptance(draft, target_head, feats: Tensor, tokens: Tensor, starts, depth: int = 5,
+                     window: Optional[int] = None) -> Tensor:
     """Simulated greedy chain drafting on one recorded sequence: for each start t, the draft runs
     autoregressively on its *own* features and tokens for `depth` steps from (f_0..f_t, x_1..x_{t+1}), as at
     decode time, and step k is accepted while its token equals the target's greedy token after the accepted
@@ -520,19 +521,22 @@ def chain_acceptance(draft, target_head, feats: Tensor, tokens: Tensor, starts, 
     feats [T, D], tokens [T] (one sequence), starts: positions t with t + 1 < T. target_head maps a feature to
     the target's full-vocabulary logits. Returns accepted draft tokens per start [len(starts)] (0..depth);
     τ = 1 + mean (the target always adds one token per verification).
+    window: the draft sees only the last `window` positions before each start (RoPE is relative, so this
+    only drops far context; it bounds the cost, which otherwise grows with start × depth).
     """
     device = feats.device
     T = feats.shape[0]
     greedy = target_head(feats).argmax(-1)            # greedy[t] = target's choice of x_{t+1}
     starts = [int(s) for s in starts if int(s) + 1 < T]
     n = len(starts)
-    L = max(starts) + 1 + depth
+    first = [max(0, s + 1 - window) if window else 0 for s in starts]
+    L = max(s + 1 - a for s, a in zip(starts, first)) + depth
     D = feats.shape[-1]
     f = torch.zeros(n, L, D, dtype=feats.dtype, device=device)
     x = torch.zeros(n, L, dtype=torch.long, device=device)
-    for i, s in enumerate(starts):
-        f[i, :s + 1], x[i, :s + 1] = feats[:s + 1], tokens[1:s + 2]
-    last = torch.tensor(starts, device=device)
+    for i, (s, a) in enumerate(zip(starts, first)):
+        f[i, :s + 1 - a], x[i, :s + 1 - a] = feats[a:s + 1], tokens[a + 1:s + 2]
+    last = torch.tensor([s - a for s, a in zip(starts, first)], device=device)
     rows = torch.arange(n, device=device)
     accepted = torch.zeros(n, dtype=torch.long, device=device)
     alive = torch.ones(n, dtype=torch.bool, device=device)

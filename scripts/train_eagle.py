@@ -134,7 +134,16 @@ def normalise_conversation(rec):
 
 
 def iter_conversations(source: str, stats: dict):
-    """Yields normalised dialogues from `sharegpt` or a .jsonl/.json file; counts what it skips."""
+    """Yields normalised dialogues from `sharegpt` or a .jsonl/.json file; counts what it skips.
+    `mt_bench` yields the benchmark's first-turn questions alone: evaluation prompts, never training data."""
+    if source == "mt_bench":
+        import assets
+        with open(assets.fetch("mt_bench")) as f:
+            for line in f:
+                if line.strip():
+                    stats["records"] = stats.get("records", 0) + 1
+                    yield [{"role": "user", "content": json.loads(line)["turns"][0]}]
+        return
     if source == "sharegpt":
         import assets
         path, records = Path(assets.fetch("sharegpt")), None
@@ -310,6 +319,9 @@ def prepare(args) -> None:
         raise UserError(f"--max-len {args.max_len} is too small")
     if args.shard_size < 1 or args.batch_size < 1:
         raise UserError("--shard-size and --batch-size must be ≥ 1")
+    if args.source == "mt_bench" and not args.regenerate:
+        raise UserError("--source mt_bench has questions only: add --regenerate (the result is evaluation "
+                        "data for `train --eval-data`, never training data)")
     ckpt = Path(args.checkpoint)
     model = load_model(ckpt, device=device, dtype=torch.bfloat16)
     if args.max_len is None:
@@ -460,7 +472,8 @@ def _rng_state(gen):
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "noise": gen.get_state()}
 
 
-def evaluate(draft, target_head, seqs, device, depth: int, positions: int, seed: int, autocast) -> dict:
+def evaluate(draft, target_head, seqs, device, depth: int, positions: int, seed: int, autocast,
+             window=None) -> dict:
     """Held-out metrics: top-1 agreement of the draft's next token with the target's argmax (all trained
     positions), and simulated τ of a depth-`depth` greedy chain from `positions` assistant positions per
     sequence (eagle_draft.chain_acceptance)."""
@@ -484,7 +497,8 @@ def evaluate(draft, target_head, seqs, device, depth: int, positions: int, seed:
             cand = [i for i in range(len(t) - 2) if bool(m[i + 1])]
             if cand:
                 starts = sorted(rng.sample(cand, min(positions, len(cand))))
-                acc_list.append(chain_acceptance(draft, target_head, f[0], x[0], starts, depth).float())
+                acc_list.append(chain_acceptance(draft, target_head, f[0], x[0], starts, depth,
+                                                 window).float())
     draft.train()
     accepted = torch.cat(acc_list) if acc_list else torch.zeros(1)
     return {"top1": hit / max(tot, 1.0), "tau": 1.0 + float(accepted.mean()),
@@ -507,6 +521,8 @@ def train(args) -> None:
     seqs, stop_ids = [], set()
     for d in args.data:
         meta, part = load_data(Path(d), fp)
+        if meta["settings"]["source"] == "mt_bench":
+            raise UserError(f"{d} holds MT-bench prompts: evaluation data, pass it as --eval-data")
         if meta["dim"] != target.args.dim:
             raise UserError(f"{d} holds {meta['dim']}-dim features but the target has dim {target.args.dim}")
         seqs += part
@@ -516,7 +532,14 @@ def train(args) -> None:
     order = list(range(len(seqs)))
     rng.shuffle(order)
     n_hold = min(args.holdout, max(1, len(seqs) // 10)) if len(seqs) > 1 else 0
-    held = [seqs[i] for i in order[:n_hold]]
+    if args.eval_data:
+        # a separate evaluation set (e.g. the target's own answers to MT-bench): all data trains
+        n_hold = 0
+        held = []
+        for d in args.eval_data:
+            held += [s for s in load_data(Path(d), fp)[1] if len(s[0]) >= 3]
+    else:
+        held = [seqs[i] for i in order[:n_hold]]
     train_seqs = [seqs[i] for i in order[n_hold:]]
     if not train_seqs:
         raise UserError(f"{args.data} holds too few sequences to train on ({len(seqs)})")
@@ -583,7 +606,8 @@ def train(args) -> None:
         if not held:
             return
         t0 = time.time()
-        mtr = evaluate(draft, target_head, held, device, args.depth, args.eval_positions, args.seed, autocast)
+        mtr = evaluate(draft, target_head, held, device, args.depth, args.eval_positions, args.seed, autocast,
+                       args.eval_window)
         mtr.update(step=step, tag=tag, eval_s=round(time.time() - t0, 1))
         history.append(mtr)
         log(f"[{tag}] step {step}: held-out top-1 {mtr['top1']:.3f}  simulated τ(chain {args.depth}) "
@@ -650,7 +674,8 @@ def main(argv=None):
     p = sub.add_parser("prepare", help="dialogues → target features (safetensors shards)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--source", default="sharegpt", help="sharegpt, or a .jsonl/.json file of conversations")
+    p.add_argument("--source", default="sharegpt", help="sharegpt, a .jsonl/.json file of conversations, or "
+                   "mt_bench (its first-turn questions, with --regenerate: evaluation data only)")
     p.add_argument("--max-conversations", type=int, default=None)
     p.add_argument("--max-len", type=int, default=None, help="tokens per dialogue (default 1024, or the "
                    "target's context if smaller); longer dialogues are cut at a turn boundary")
@@ -678,8 +703,13 @@ def main(argv=None):
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--clip", type=float, default=0.5)
     t.add_argument("--holdout", type=int, default=64, help="held-out sequences for the metrics")
+    t.add_argument("--eval-data", nargs="+", default=None,
+                   help="prepared directories to measure on instead of a held-out split (e.g. "
+                        "`prepare --source mt_bench --regenerate`)")
     t.add_argument("--eval-positions", type=int, default=16, help="chain starts per held-out sequence")
     t.add_argument("--depth", type=int, default=5)
+    t.add_argument("--eval-window", type=int, default=256,
+                   help="context the simulated chain sees before each start (0: all; bounds eval cost)")
     t.add_argument("--save-every", type=int, default=200)
     t.add_argument("--log-every", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
