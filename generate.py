@@ -244,33 +244,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message for --chat/--interactive "
                    "(replaces the template's default one)")
     p.add_argument("--interactive", action="store_true", help="chat REPL keeping the conversation; Ctrl-D exits")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (default 200)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 (default) = greedy: deterministic, and what speculative decoding reproduces "
                         "token for token; try 0.7 with --top-p 0.9 for varied text")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--num-samples", type=int, default=1, help="generate this many times (stats each)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     p.add_argument("--batch-size", type=int, default=1, help="decode this many copies of the prompt at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile-prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                   help="weights and KV cache (default bf16; fp16 runs on CPU too, but slower than bf16)")
     p.add_argument("--max-seq-length", type=int, default=None,
                    help="KV-cache slots (default: prompt + max new tokens, rounded up to 256)")
     p.add_argument("--profile", type=Path, default=None, help="write a Chrome trace of the last sample here")
     p.add_argument("--json", action="store_true", help="print one JSON object per sample instead of text")
     s = p.add_argument_group("speculative decoding")
-    s.add_argument("--speculate", action="store_true")
+    s.add_argument("--speculate", action="store_true",
+                   help="draft tokens and verify them with the target: same output as plain decoding")
     s.add_argument("--spec-method", default="eagle", choices=["eagle", "draft", "lookup"])
     s.add_argument("--draft", type=Path, default=None, help="EAGLE draft checkpoint")
     s.add_argument("--draft-checkpoint", type=Path, default=None, help="small draft model (--spec-method draft)")
     s.add_argument("--tree", default="dynamic", choices=["dynamic", "static", "chain"])
-    s.add_argument("--tree-depth", type=int, default=None)
-    s.add_argument("--tree-topk", type=int, default=None)
-    s.add_argument("--tree-tokens", default=None, help="N or auto")
-    s.add_argument("--draft-vocab", type=int, default=None)
+    s.add_argument("--tree-depth", type=int, default=None, help="draft tokens per branch")
+    s.add_argument("--tree-topk", type=int, default=None, help="children per draft node")
+    s.add_argument("--tree-tokens", default=None, help="draft tokens verified per step: N or auto (measured)")
+    s.add_argument("--draft-vocab", type=int, default=None, help="shrink the EAGLE draft vocabulary to N")
     s.add_argument("--compare-ar", action="store_true",
                    help="also run plain decoding on the same prompt; report speedup and token agreement")
     return p
@@ -310,7 +312,6 @@ def resolve_checkpoint(path: Optional[Path]) -> Path:
     if not script.exists():
         raise UserError(f"default model {default} is missing and {script} is not there to prepare it; "
                         f"pass --checkpoint")
-    print(f"preparing the default model {DEFAULT_REPO} (first run only) ...", file=sys.stderr)
     spec = importlib.util.spec_from_file_location("eaglet_download", script)
     download = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(download)
@@ -505,7 +506,8 @@ def main(argv=None) -> None:
     if a.compile or a.compile_prefill:
         t = time.perf_counter()
         warm = torch.tensor(ids, device=device).expand(a.batch_size, -1)
-        gen(model, warm, min(8, a.max_new_tokens), temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+        for g in ([gen, generate] if a.compare_ar else [gen]):
+            g(model, warm, min(8, a.max_new_tokens), temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         if a.seed is not None:  # so a compiled run samples what an eager run with this seed samples
             torch.manual_seed(a.seed)
@@ -543,13 +545,12 @@ def main(argv=None) -> None:
                 print(f"--- row {row}\n{tok.decode(_strip_stop(toks, stop)[0])}", flush=True)
         print(stats_line(stats, nbytes, label), file=sys.stderr)
         if a.compare_ar:
-            use_prompt = prompt
-            ar_tokens, ar_stats = generate(model, use_prompt, a.max_new_tokens, temperature=a.temperature,
+            ar_tokens, ar_stats = generate(model, prompt, a.max_new_tokens, temperature=a.temperature,
                                            top_k=a.top_k, top_p=a.top_p, stop_ids=stop)
             same = sum(x == y for r1, r2 in zip(tokens, ar_tokens) for x, y in zip(r1, r2))
             total = max(1, sum(max(len(r1), len(r2)) for r1, r2 in zip(tokens, ar_tokens)))
-            speedup = stats["decode_tokens_per_s"] and ar_stats["decode_tokens_per_s"] and \
-                stats["decode_tokens_per_s"] / ar_stats["decode_tokens_per_s"]
+            ar_tps = ar_stats["decode_tokens_per_s"]
+            speedup = stats["decode_tokens_per_s"] / ar_tps if ar_tps else float("nan")
             print(stats_line(ar_stats, nbytes, "plain decoding: ") +
                   f"; speculative speedup {speedup:.2f}x, token agreement {same}/{total}", file=sys.stderr)
 
