@@ -287,7 +287,7 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def measure_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 5) -> float:
+def measure_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 10) -> float:
     """Achievable memory read bandwidth in GB/s: best of `repeats` sums over a buffer far larger than any
     cache. A decode step reads every weight once, so bandwidth / weight bytes is the tok/s ceiling."""
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
@@ -689,7 +689,7 @@ def main(argv=None):
 
     # Every precision is loaded up front and interleaved prompt by prompt too, so cross-precision ratios
     # (int8 vs bf16) hold on a noisy machine as well as method ratios do.
-    engines, model_bytes_of = {}, {}
+    engines, model_bytes_of, peer_bytes = {}, {}, {}
     for precision in args.precisions:
         ours = Ours(args, precision, device)
         model_bytes_of[precision] = ours.bytes
@@ -700,6 +700,7 @@ def main(argv=None):
             hf = HFPeer(args, precision, device, ours.tokenizer.stop_ids, cache_len)
             for v in hf.variants:
                 runners[v] = lambda ids, t, n, v=v, hf=hf: hf.run(v, ids, t, n, args.top_k, args.top_p)
+                peer_bytes.setdefault(precision, {})[v] = model_bytes(hf.model)
         if "llamacpp" in peers and precision == args.precisions[0]:
             lc = LlamaCppPeer(args)
             runners["llamacpp"] = lambda ids, t, n, o=ours: lc.run(ids, t, n, o.tokenizer.stop_ids)
@@ -715,7 +716,7 @@ def main(argv=None):
                     fn(ids, temp, min(args.max_new_tokens, 32))
 
     # After the warm-up, so drafters' caches (allocated on first use) count as resident, not transient.
-    resident = {p: ours.resident_bytes() for p, (ours, _) in engines.items()}
+    resident = {p: {**ours.resident_bytes(), **peer_bytes.get(p, {})} for p, (ours, _) in engines.items()}
     records, peak = [], PeakMemory(device)
     for pi, item in enumerate(tqdm(prompts, desc="prompts", file=sys.stderr)):
         for temp in args.temperatures:

@@ -40,6 +40,12 @@ def write_tiny_dir(d: Path) -> Path:
     cfg = tiny.tiny_config(vocab_size=320, bos_token_id=0, eos_token_id=2, max_position_embeddings=1024)
     _, hf, _ = tiny.write_checkpoint(d / "model.pth", cfg)
     hf.save_pretrained(d)
+    # an untrained EAGLE draft: it proposes junk, which is exactly what must not change greedy output
+    import torch
+    import eagle_draft
+    from model import ModelArgs
+    torch.manual_seed(1)
+    eagle_draft.save_draft(eagle_draft.EagleDraft(ModelArgs.from_hf_config(cfg)), d / "draft.pth", cfg)
     return d / "model.pth"
 
 
@@ -60,20 +66,22 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     readme = tmp_path / "README.md"
     readme.write_text("# tiny\n<!-- perf:start -->\n<!-- perf:end -->\n")
+    # draft: the target itself as the separate draft LM (accepts everything: the other extreme from eagle)
     r = run_bench("--checkpoint", tiny_ckpt, "--prompts", prompts, "--limit", 1, "--turns", 2, "--methods",
-                  "ar,lookup", "--precisions", "fp32", "--temperature", "0,1", "--max-new-tokens", 12,
+                  "ar,lookup,eagle,draft", "--precisions", "fp32", "--temperature", "0,1", "--max-new-tokens", 12,
+                  "--draft", tiny_ckpt.parent / "draft.pth", "--draft-checkpoint", tiny_ckpt,
                   "--device", "cpu", "--peer", "hf", "--out", out, "--readme", readme)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| fp32 | 0 | lookup | 2 |" in readme.read_text() and "](out/results.png)" in readme.read_text()
 
     res = json.loads((out / "results.json").read_text())
-    assert res["command"].startswith("python ") and "--methods ar,lookup" in res["command"]
+    assert res["command"].startswith("python ") and "--methods ar,lookup,eagle,draft" in res["command"]
     assert {"cpu", "cores", "threads", "torch", "date"} <= set(res["machine"])
     assert res["roofline"]["bandwidth_gb_s"] > 0 and res["roofline"]["tok_s"]["fp32"] > 0
     recs = res["records"]
-    methods = {"ar", "lookup", "hf", "hf-lookup"}
-    # 1 prompt x 2 turns x 2 temperatures x 4 runners, none from the warm-up
-    assert len(recs) == 16 and {r["method"] for r in recs} == methods
+    methods = {"ar", "lookup", "eagle", "draft", "hf", "hf-lookup"}
+    # 1 prompt x 2 turns x 2 temperatures x 6 runners, none from the warm-up
+    assert len(recs) == 24 and {r["method"] for r in recs} == methods
     for rec in recs:
         assert rec["prompt_id"] == "q1" and 1 <= rec["new_tokens"] <= 12 and len(rec["tokens"]) == rec["new_tokens"]
         assert rec["decode_s"] >= 0 and rec["ttft_s"] > 0 and rec["peak_mem_bytes"] > 0
@@ -81,12 +89,15 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     # turn 2 carries turn 1 and ar's answer to it
     assert by[(0.0, "ar", 2)]["prompt_tokens"] > by[(0.0, "ar", 1)]["prompt_tokens"] + by[(0.0, "ar", 1)]["new_tokens"]
     # fp32 greedy: prompt lookup is lossless and transformers runs the same weights, so the same tokens
-    for m in ("lookup", "hf", "hf-lookup"):
+    for m in ("lookup", "eagle", "draft", "hf", "hf-lookup"):
         for turn in (1, 2):
             assert by[(0.0, m, turn)]["tokens"] == by[(0.0, "ar", turn)]["tokens"], (m, turn)
             assert by[(0.0, m, turn)]["same_as_ar"] is True
         assert by[(1.0, m, 1)]["same_as_ar"] is None
     assert by[(0.0, "lookup", 1)]["rounds"] >= 1 and by[(0.0, "lookup", 1)]["mean_accepted"] >= 1
+    # the target drafting for itself: every drafted token is accepted, so τ is the chain length + 1
+    draft_rec = by[(0.0, "draft", 1)]
+    assert sum(draft_rec["accept_hist"][:-1]) <= 1 and draft_rec["mean_accepted"] > 2
 
     rows = {(r["temperature"], r["method"]): r for r in res["summary"]}
     assert set(rows) == {(t, m) for t in (0.0, 1.0) for m in methods}
@@ -98,12 +109,14 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     # resident weights + caches are part of every configuration's memory
     assert rows[(0.0, "ar")]["peak_mem_mb"] * 2**20 >= res["roofline"]["model_bytes"]["fp32"]
     assert rows[(0.0, "lookup")]["identical"] == 2 and rows[(0.0, "lookup")]["compared"] == 2
+    assert rows[(0.0, "eagle")]["identical"] == 2 and rows[(0.0, "draft")]["identical"] == 2
+    assert len(rows[(0.0, "draft")]["accept_by_depth"]) >= 2 and rows[(0.0, "eagle")]["accept_hist"]
     assert rows[(0.0, "hf")]["identical"] == 2
 
     md = (out / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| precision"))
     assert [c.strip() for c in header.strip("|").split("|")] == benchmark.TABLE_COLUMNS
-    assert md.count("| fp32 |") == 8 and "| 2/2 |" in md
+    assert md.count("| fp32 |") == 12 and "| 2/2 |" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
