@@ -472,9 +472,15 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
 # Building a drafter; choosing the tree budget
 # =====================================================================================================
 
-DEFAULTS = {"dynamic": dict(depth=5, topk=8, tokens=24), "static": dict(depth=5, topk=4, tokens=20),
-            "chain": dict(depth=5, topk=1, tokens=6)}
+# Measured on this 2-core CPU (SmolLM2-135M, bf16, eager, 1 thread, busy machine): verify cost over n
+# tree tokens relative to n = 1 is ~1.0 up to n = 4, 1.3 at 8-12, 1.7 at 24, 2.1 at 32, 3.4 at 64, so
+# GPU-sized trees (60 tokens) would eat the gain; `pick_tree_tokens` on that curve picks 12.
+DEFAULTS = {"dynamic": dict(depth=5, topk=4, tokens=12), "static": dict(depth=5, topk=4, tokens=12),
+            "chain": dict(depth=4, topk=1, tokens=5)}
 LOOKUP_K, DRAFT_LM_K = 6, 4
+# --tree-tokens auto times these budgets (1..64; every size in between would cost a minute on a CPU for
+# a curve that is smooth anyway)
+COST_GRID = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64)
 SHIPPED_DRAFT = "eagle_draft.pth"   # --speculate without --draft looks for this next to the target's model.pth
 
 
@@ -553,7 +559,7 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
                 target.setup_caches(1, min(512, target.args.max_position_embeddings))
             fwd = torch.compile(target_tree_forward, fullgraph=True, dynamic=False) if compile \
                 else target_tree_forward
-            cost = measure_verify_cost(target, forward=fwd)
+            cost = measure_verify_cost(target, COST_GRID, forward=fwd)
             tokens = pick_tree_tokens(cost)
         d = eagle_draft.EagleDrafter(draft, tree, depth, topk, int(tokens), compile=compile)
         if tree_tokens == "auto":
@@ -577,15 +583,22 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--max-n", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--coarse", action="store_true", help="n = 1, 2, 3, 4, 6, 8, 12, ... 64 only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     target = load_model(a.measure_verify, "cpu", dtype)
     target.setup_caches(1, 512)
     fwd = torch.compile(target_tree_forward, fullgraph=True, dynamic=False) if a.compile else target_tree_forward
+    ns = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64) if n <= a.max_n] if a.coarse \
+        else range(1, a.max_n + 1)
+    cost = {}
     with torch.no_grad():
-        cost = measure_verify_cost(target, range(1, a.max_n + 1), a.reps, fwd)
-    for n, s in cost.items():
-        print(f"n={n:3d}  {s * 1e3:8.2f} ms  x{s / cost[1]:.2f}")
+        for n in ns:
+            cost.update(measure_verify_cost(target, [n], a.reps, fwd))
+            print(f"n={n:3d}  {cost[n] * 1e3:8.2f} ms  x{cost[n] / cost[ns[0]]:.2f}", flush=True)
     print(f"--tree-tokens auto would pick {pick_tree_tokens(cost)}")
 
 
