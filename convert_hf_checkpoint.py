@@ -223,12 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     # One source per run. The EAGLE-draft section below adds its own source (--eagle) to this group.
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint-dir", type=Path, help="HF model directory (config.json + weights + tokenizer)")
+    # --- EAGLE section hook (EAGLE engineer) ---
+    src.add_argument("--eagle", type=Path, default=None,
+                     help="published EAGLE-1/EAGLE-2 draft directory (yuhuili/EAGLE-* layout); needs --target-checkpoint")
+    p.add_argument("--target-checkpoint", type=Path, default=None,
+                   help="with --eagle: the converted target model.pth the draft belongs to")
     p.add_argument("--output", type=Path, default=None, help="where to write (default: CHECKPOINT_DIR/model.pth)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if getattr(args, "eagle", None) is not None:        # EAGLE section hook
+        out = convert_eagle_checkpoint(args.eagle, args.target_checkpoint, args.output)
+        print(f"wrote {out}", file=sys.stderr)
+        return out
     if args.checkpoint_dir is not None:
         out = convert_hf_checkpoint(args.checkpoint_dir, args.output)
         print(f"wrote {out}", file=sys.stderr)
@@ -244,6 +253,67 @@ def main(argv=None):
 # and in main() a branch `if getattr(args, "eagle", None) is not None: return convert_eagle_checkpoint(...)`
 # before the --checkpoint-dir branch; put the conversion code itself below this banner.
 # ======================================================================================================
+
+EAGLE_KEY_MAP = {   # our draft name → EAGLE names concatenated on dim 0 (their layer is HF LlamaDecoderLayer)
+    "fc.weight": ["fc.weight"],
+    "layer.attention.wqkv.weight": [f"layers.0.self_attn.{x}_proj.weight" for x in "qkv"],
+    "layer.attention.wo.weight": ["layers.0.self_attn.o_proj.weight"],
+    "layer.feed_forward.w13.weight": ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"],
+    "layer.feed_forward.w2.weight": ["layers.0.mlp.down_proj.weight"],
+    "layer.ffn_norm.weight": ["layers.0.post_attention_layernorm.weight"],
+}
+
+
+def convert_eagle_checkpoint(eagle_dir, target_checkpoint, output=None) -> Path:
+    """A published EAGLE draft directory (config.json + pytorch_model.bin or model.safetensors, flat keys
+    fc.*, layers.0.*; no lm_head, the embedding optional) → our draft file (default DIR/draft.pth).
+    q/k stay in HF's rotate-half layout, which is ours. The draft's embedding, if present, is dropped:
+    the draft runs on the target's own embedding and LM head (EAGLE ships a copy of the target's)."""
+    import eagle_draft
+    from checkpoint import load_model
+
+    d = Path(eagle_dir)
+    if target_checkpoint is None:
+        raise UserError("--eagle needs --target-checkpoint PATH (the converted target model.pth the draft is for)")
+    if not d.is_dir() or not (d / "config.json").exists():
+        raise UserError(f"{d} is not an EAGLE draft directory (expected config.json + pytorch_model.bin "
+                        f"or model.safetensors)")
+    config = _read_json(d / "config.json", "config")
+    if (d / "model.safetensors").exists():
+        from safetensors.torch import load_file
+        sd = load_file(str(d / "model.safetensors"))
+    elif (d / "pytorch_model.bin").exists():
+        try:
+            sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read {d / 'pytorch_model.bin'}: {type(e).__name__} (corrupt or truncated?)")
+    else:
+        raise UserError(f"{d} has no model.safetensors or pytorch_model.bin")
+    target = load_model(target_checkpoint, "cpu", torch.float32)
+    fit = {"target": {k: config.get(k) for k in ("hidden_size", "vocab_size", "num_attention_heads",
+                                                 "num_key_value_heads", "intermediate_size")}}
+    fit["target"]["num_key_value_heads"] = fit["target"]["num_key_value_heads"] or config.get("num_attention_heads")
+    eagle_draft.check_fits(fit, target.args, d)
+    ours = {}
+    for name, parts in EAGLE_KEY_MAP.items():
+        missing = [h for h in parts if h not in sd]
+        if missing:
+            raise UserError(f"tensor {missing[0]} is missing from {d} (not an EAGLE-1/EAGLE-2 draft?)")
+        ours[name] = torch.cat([sd[h] for h in parts]).contiguous()
+    fc_bias = "fc.bias" in sd
+    if fc_bias:
+        ours["fc.bias"] = sd["fc.bias"]
+    draft = eagle_draft.EagleDraft(target.args, fc_bias=fc_bias)
+    try:
+        draft.load_state_dict(ours, strict=True)
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise UserError(f"EAGLE weights in {d} do not fit the target: {first.strip()[:300]}")
+    out = Path(output) if output is not None else d / "draft.pth"
+    tcfg = target.checkpoint_meta["config"]
+    eagle_draft.save_draft(draft, out, tcfg, source=str(d), source_format="eagle")
+    return out
+
 
 
 if __name__ == "__main__":
