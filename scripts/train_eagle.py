@@ -544,8 +544,16 @@ def train(args) -> None:
     if not train_seqs:
         raise UserError(f"{args.data} holds too few sequences to train on ({len(seqs)})")
 
-    d2t = None
-    if args.draft_vocab:
+    init = None
+    if args.init:
+        # fine-tune an existing draft: its weights and its draft vocabulary carry over
+        from checkpoint import read_checkpoint
+        from eagle_draft import check_fits
+        ck = read_checkpoint(args.init, "eagle_draft")
+        check_fits(ck.get("config") or {}, target.args, args.init)
+        init = {k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
+    d2t = init.get("d2t") if init else None
+    if args.draft_vocab and init is None:
         counts = torch.zeros(target.args.vocab_size, dtype=torch.long)
         for t, _, m in train_seqs:
             counts += torch.bincount(t[m], minlength=target.args.vocab_size)
@@ -555,6 +563,8 @@ def train(args) -> None:
 
     torch.manual_seed(args.seed)
     draft = EagleDraft(target.args, draft_vocab=d2t).to(device)
+    if init:
+        draft.load_state_dict(init, strict=True)
     draft.bind_target(target)
     params = [p for n, p in draft.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -567,7 +577,7 @@ def train(args) -> None:
     run.mkdir(parents=True, exist_ok=True)
     state_path = run / "state.pth"
     step, history = 0, []
-    config = {"data": [str(d) for d in args.data], "checkpoint": str(args.checkpoint), "target": fp,
+    config = {"data": [str(d) for d in args.data], "init": args.init, "checkpoint": str(args.checkpoint), "target": fp,
               "draft_vocab": args.draft_vocab, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
               "total_steps": total, "w_cls": args.w_cls, "noise": args.noise, "n_train": len(train_seqs)}
     if state_path.exists():
@@ -698,7 +708,9 @@ def main(argv=None):
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--w-cls", type=float, default=0.1)
     t.add_argument("--noise", type=float, default=0.2)
-    t.add_argument("--draft-vocab", type=int, default=None)
+    t.add_argument("--draft-vocab", type=int, default=None,
+                   help="draft vocabulary: the N most frequent assistant tokens (+ stop ids)")
+    t.add_argument("--init", default=None, help="start from this draft file (fine-tuning; keeps its vocabulary)")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--clip", type=float, default=0.5)

@@ -233,6 +233,11 @@ def test_training_lowers_loss_and_raises_acceptance(target, regen_data, tmp_path
     assert sd["d2t"].numel() == 200 and 2 in sd["d2t"].tolist()
     draft = load_draft(summary["draft"], load_model(target, dtype=torch.float32), dtype=torch.float32)
     assert draft.vocab_size == 200
+    # --init fine-tunes the shipped draft: training starts where it ended, with its vocabulary
+    cli(*train_args(target, regen_data, tmp_path / "ft", "--steps", 2, "--init", summary["draft"]))
+    ft = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert ft["untrained"]["top1"] > before["top1"] + 0.2
+    assert torch.equal(torch.load(ft["draft"], weights_only=True)["state_dict"]["d2t"], sd["d2t"])
 
 
 def test_resume_reproduces_an_uninterrupted_run(target, regen_data, tmp_path):
