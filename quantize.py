@@ -59,16 +59,36 @@ def padded_in_features(in_features: int, groupsize: int) -> int:
     return -(-in_features // groupsize) * groupsize
 
 
-def int4_group_params(w: Tensor, groupsize: int, scale_dtype=torch.bfloat16) -> tuple[Tensor, Tensor]:
-    """Asymmetric min/max parameters per group of `groupsize` input columns: (scales, zeros), each
-    [out, in/groupsize], rounded to `scale_dtype` (what the kernels read) and returned as float32.
+# Shrinking a group's [min, max] range trades clipping of its extremes for a finer grid for the rest;
+# per group, keep the ratio with the least squared weight error (GPTQ's mse option). For round-to-nearest
+# it lowered weight error yet raised SmolLM2's perplexity (+6.7% vs +6.0% without): the clipped extremes
+# matter more than their count suggests. So RTN uses plain min/max, GPTQ (which compensates errors on
+# the columns after) uses the search.
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def int4_group_params(w: Tensor, groupsize: int, scale_dtype=torch.bfloat16,
+                      clip_ratios=(1.0,)) -> tuple[Tensor, Tensor]:
+    """Asymmetric parameters per group of `groupsize` input columns: (scales, zeros), each [out, in/groupsize],
+    rounded to `scale_dtype` (what the kernels read) and returned as float32.
     Convention of the tinygemm kernels: w ≈ (q - 8) * scale + zero, q in [0, 15]."""
     out, k = w.shape
     g = w.float().reshape(out, k // groupsize, groupsize)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scales = ((hi - lo).clamp(min=1e-6) / 15).to(scale_dtype).float()
-    zeros = (lo + 8 * scales).to(scale_dtype).float()
-    return scales, zeros
+    best = None
+    for r in clip_ratios:
+        scales = ((hi - lo) * r).clamp(min=1e-6).div(15).to(scale_dtype).float()
+        zeros = (lo * r + 8 * scales).to(scale_dtype).float()
+        s, z = scales[..., None], zeros[..., None]
+        q = torch.round((g - (z - 8 * s)) / s).clamp(0, 15)
+        err = ((q - 8) * s + z - g).pow(2).sum(dim=-1)
+        if best is None:
+            best, best_s, best_z = err, scales, zeros
+        else:
+            better = err < best
+            best = torch.where(better, err, best)
+            best_s, best_z = torch.where(better, scales, best_s), torch.where(better, zeros, best_z)
+    return best_s, best_z
 
 
 def int4_codes(w: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) -> Tensor:
@@ -366,7 +386,7 @@ def quantize_state_dict(module: nn.Module, state_dict: dict, mode: str, groupsiz
 # the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = 2 XᵀX).
 
 def gptq_quantize(w: Tensor, hessian: Tensor, groupsize: int, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False) -> tuple[Tensor, Tensor]:
+                  act_order: bool = False, clip_ratios=CLIP_RATIOS) -> tuple[Tensor, Tensor]:
     """→ (codes int32 [out, in_p], scales_and_zeros bf16), the same format as quantize_int4."""
     W = pad_columns(w.float(), groupsize).clone()
     out, k = W.shape
@@ -375,9 +395,10 @@ def gptq_quantize(w: Tensor, hessian: Tensor, groupsize: int, damp: float = 0.01
     dead = torch.diag(H) == 0          # inputs that never fire (and padding): nothing to compensate
     H[dead, dead] = 1
     W[:, dead] = 0
-    # Group parameters are fixed up front from the original weights ("static groups"), so act-order may
-    # visit columns in any order while each column still belongs to its own group in the file.
-    scales, zeros = int4_group_params(W, groupsize)
+    # In natural order each group's parameters are chosen when the sweep reaches it, from the weights as
+    # updated so far (as in the paper). Act-order visits columns out of order, so its group parameters are
+    # fixed up front from the original weights ("static groups") and each column keeps its own group.
+    scales, zeros = int4_group_params(W, groupsize, clip_ratios=clip_ratios)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k)
@@ -389,13 +410,31 @@ def gptq_quantize(w: Tensor, hessian: Tensor, groupsize: int, damp: float = 0.01
                         "--calib-samples or a larger --damp")
     group_of = perm // groupsize
     Q = torch.zeros_like(W, dtype=torch.int32)
-    for i1 in range(0, k, block):
+    # The column loop is thousands of tiny ops: intra-op threads only add synchronisation (30x slower
+    # measured on a busy 2-core machine), so it runs single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _gptq_columns(W, Hinv, Q, scales, zeros, group_of, max(block, groupsize),
+                      groupsize if not act_order else None, clip_ratios)
+    finally:
+        torch.set_num_threads(threads)
+    inv = torch.argsort(perm)
+    return Q[:, inv].contiguous(), pack_scales_and_zeros(scales, zeros)
+
+
+def _gptq_columns(W, Hinv, Q, scales, zeros, group_of, block, dynamic_groupsize, clip) -> None:
+    k = W.shape[1]
+    for i1 in range(0, k, block):    # block is a multiple of the group size: a group never straddles blocks
         i2 = min(i1 + block, k)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col, d = W1[:, i], Hinv1[i, i]
             g = group_of[i1 + i]
+            if dynamic_groupsize and (i1 + i) % dynamic_groupsize == 0:
+                s, z = int4_group_params(W1[:, i:i + dynamic_groupsize], dynamic_groupsize, clip_ratios=clip)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             s, z = scales[:, g], zeros[:, g]
             q = torch.round((col - (z - 8 * s)) / s).clamp(0, 15)
             Q[:, i1 + i] = q.to(torch.int32)
@@ -404,13 +443,12 @@ def gptq_quantize(w: Tensor, hessian: Tensor, groupsize: int, damp: float = 0.01
             Err1[:, i] = err
         # lazy batch update: the rest of the matrix sees this block's errors in one matmul
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    return Q[:, inv].contiguous(), pack_scales_and_zeros(scales, zeros)
 
 
 class HessianCollector:
-    """Forward pre-hooks accumulating H = 2/n Σ xᵀx of each named linear's input (float64 sums, one
-    [in, in] matrix per linear: memory is per layer, not per token)."""
+    """Forward pre-hooks accumulating H = 2/n Σ xᵀx of each named linear's input (one [in, in] matrix per
+    linear: memory is per layer, not per token). Each sample's product is a float32 GEMM (float64 GEMMs
+    made calibration several times slower); the running sum over samples is kept in float64."""
 
     def __init__(self, module: nn.Module, names: Iterable[str]):
         self.h, self.n, self.handles = {}, {}, []
@@ -422,8 +460,8 @@ class HessianCollector:
 
     def _hook(self, name):
         def hook(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            self.h[name] += x.t() @ x
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            self.h[name] += (x.t() @ x).double()
             self.n[name] += x.shape[0]
         return hook
 
@@ -463,9 +501,12 @@ def gptq_transformer(model, state_dict: dict, samples: list[Tensor], groupsize: 
             lin.weight = nn.Parameter(dequantize_int4(q, sz, groupsize)[:, :lin.in_features], requires_grad=False)
         for j in range(len(x)):
             x[j:j + 1] = layer(x[j:j + 1], cos, sin, mask, pos)
-    col = HessianCollector(model, ["output"])
-    model.output(model.norm(x))
-    hessians["output"] = col.result()["output"]
+    # the head's input is the final norm's output; its Hessian needs no [tokens, vocab] logits
+    h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
+    for j in range(len(x)):
+        f = model.norm(x[j]).float()
+        h += (f.t() @ f).double()
+    hessians["output"] = (2 * h / (x.shape[0] * x.shape[1])).float()
     return quantize_state_dict(model, state_dict, "int4-gptq", groupsize, hessians, progress, **gptq_kw)
 
 
@@ -621,6 +662,57 @@ def evaluate(ckpt_path: Path, modes: list[str], groupsize: int, n_tokens: int, s
 
 
 # ---------------------------------------------------------------------------------------------------
+# Kernel microbenchmark
+
+@torch.no_grad()
+def bench_ops(config: dict, groupsize: int, rows=(1, 32), compile: bool = False, repeats: int = 3) -> str:
+    """Time one linear per shape of the model (bf16 F.linear vs int8 vs int4 modules), µs per call. Each
+    shape has one copy per layer and the timing walks through them, so weights come from memory as in a
+    decode step rather than from cache."""
+    import time
+    from checkpoint import model_args
+    a = model_args(config)
+    qkv = (a.n_head + 2 * a.n_local_heads) * a.head_dim
+    shapes = {"wqkv": (qkv, a.dim), "wo": (a.dim, a.n_head * a.head_dim), "w13": (2 * a.intermediate_size, a.dim),
+              "w2": (a.dim, a.intermediate_size), "output": (a.vocab_size, a.dim)}
+    lines = [f"µs per call, bf16 activations, {torch.get_num_threads()} threads"
+             f"{', torch.compile' if compile else ''}; int4 groupsize {groupsize}",
+             "| layer | out x in | rows | bf16 | int8 | int4 | int8 speedup | int4 speedup |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, (n, k) in shapes.items():
+        copies = 1 if name == "output" else a.n_layer
+        mods = {"bf16": [], "int8": [], "int4": []}
+        for _ in range(copies):
+            w = torch.randn(n, k) / math.sqrt(k)
+            lin = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+            lin.weight.data = w.to(torch.bfloat16)
+            q8, s8 = quantize_int8(w)
+            m8 = WeightOnlyInt8Linear(k, n)
+            m8.weight, m8.scales = q8, s8.to(torch.bfloat16)
+            q4, sz = quantize_int4(w, groupsize)
+            m4 = WeightOnlyInt4Linear(k, n, groupsize)
+            m4.weight, m4.scales_and_zeros = pack_int4(q4), sz
+            m4.prepare("cpu")
+            for key, m in (("bf16", lin), ("int8", m8), ("int4", m4)):
+                mods[key].append(torch.compile(m, fullgraph=True, dynamic=False) if compile else m)
+        for m_rows in rows:
+            x = torch.randn(m_rows, k, dtype=torch.bfloat16)
+            t = {}
+            for key, ms in mods.items():
+                for m in ms[:2]:
+                    m(x)
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for m in ms:
+                        m(x)
+                    best = min(best, (time.perf_counter() - t0) / len(ms))
+                t[key] = best * 1e6
+            lines.append(f"| {name} | {n} x {k} | {m_rows} | {t['bf16']:.0f} | {t['int8']:.0f} | {t['int4']:.0f} | "
+                         f"{t['bf16'] / t['int8']:.2f}x | {t['bf16'] / t['int4']:.2f}x |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
 # CLI
 
 def output_path(ckpt: Path, mode: str, groupsize: Optional[int]) -> Path:
@@ -709,6 +801,8 @@ def build_parser():
     p.add_argument("--modes", default="int8,int4,int4-gptq", help="--eval: modes to compare")
     p.add_argument("--eval-tokens", type=int, default=4096, help="--eval: held-out tokens")
     p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--bench", action="store_true", help="time bf16/int8/int4 linears of this model's shapes")
+    p.add_argument("--compile", action="store_true", help="--bench: torch.compile each layer")
     p.add_argument("--dtype", default="bfloat16", help="--eval: activation dtype (bfloat16 | float32)")
     return p
 
@@ -729,6 +823,9 @@ def check_args(a) -> None:
 def main(argv=None) -> None:
     a = build_parser().parse_args(argv)
     check_args(a)
+    if a.bench:
+        print(bench_ops(read_checkpoint(a.checkpoint)["config"], a.groupsize, compile=a.compile))
+        return
     if a.eval:
         modes = [m.strip() for m in a.modes.split(",") if m.strip()]
         bad = [m for m in modes if m not in MODES]

@@ -53,11 +53,19 @@ def test_pack_unpack_roundtrip_and_layout():
 def test_int4_rounding_error_within_half_step():
     torch.manual_seed(0)
     w = torch.randn(32, 128)
-    q, sz = quantize_int4(w, 32)
+    s, z = quantize.int4_group_params(w, 32, clip_ratios=(1.0,))   # plain min/max: nothing is clipped
+    q = quantize.int4_codes(w, s, z, 32)
+    sz = quantize.pack_scales_and_zeros(s, z)
     assert q.min() >= 0 and q.max() <= 15
     step = sz[..., 0].float().t().repeat_interleave(32, dim=1)      # [out, in]
     err = (dequantize_int4(q, sz, 32) - w).abs()
     assert (err <= 0.5 * step + 2e-2 * step + 1e-6).all()   # bf16 rounding of scale/zero adds a little
+    # the clip search only ever lowers each group's squared error
+    s2, z2 = quantize.int4_group_params(w, 32, clip_ratios=quantize.CLIP_RATIOS)
+    q2, sz2 = quantize.int4_codes(w, s2, z2, 32), quantize.pack_scales_and_zeros(s2, z2)
+    per_group = lambda q, sz: (dequantize_int4(q, sz, 32) - w).pow(2).reshape(32, 4, 32).sum(-1)  # noqa: E731
+    assert (per_group(q2, sz2) <= per_group(q, sz) + 1e-6).all()
+    assert per_group(q2, sz2).sum() < 0.97 * per_group(q, sz).sum()
 
 
 def test_int8_rounding_error_within_half_step():
@@ -385,3 +393,9 @@ def test_sharegpt_reader_gives_disjoint_texts():
     b = quantize.sharegpt_texts(3, 2)
     assert len(a) == 3 and len(b) == 2 and not set(a) & set(b)
     assert quantize.sharegpt_texts(1, 2) == a[1:]
+
+
+def test_bench_ops_table_on_tiny_shapes():
+    table = quantize.bench_ops(tiny_config(num_hidden_layers=1), 32, rows=(1, 3), repeats=1)
+    rows = [line for line in table.splitlines() if line.startswith("| w") or line.startswith("| output")]
+    assert len(rows) == 5 * 2 and all(line.count("x |") == 2 for line in rows)
