@@ -353,11 +353,13 @@ def quantize_linear_weight(w: Tensor, mode: str, groupsize: Optional[int], hessi
 
 
 def quantize_state_dict(module: nn.Module, state_dict: dict, mode: str, groupsize: Optional[int] = None,
-                        hessians: Optional[dict] = None, progress: bool = True, **gptq_kw) -> tuple[dict, dict]:
+                        hessians: Optional[dict] = None, progress: bool = True, done: Optional[dict] = None,
+                        **gptq_kw) -> tuple[dict, dict]:
     """Quantize every nn.Linear of `module` whose weight is in `state_dict` (generic: a target Transformer, an
     EAGLE draft, anything). Linears whose weight the state dict does not hold (e.g. a draft's lm_head shared
     with the target) are left alone. Tied weights (one tensor under two names) get a quantized copy for the
-    linear and keep the float tensor for the other user. Returns (new_state_dict, quantization record)."""
+    linear and keep the float tensor for the other user. `done` maps linear names to tensors already
+    quantized (GPTQ's sweep). Returns (new_state_dict, quantization record)."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
     if mode != "int8":
@@ -373,7 +375,8 @@ def quantize_state_dict(module: nn.Module, state_dict: dict, mode: str, groupsiz
             raise UserError(f"{name}.weight has shape {tuple(w.shape)}, expected a 2-D linear weight")
         h = hessians.get(name) if hessians else None
         del out[f"{name}.weight"]
-        for k, v in quantize_linear_weight(w, mode, groupsize, h, **gptq_kw).items():
+        tensors = (done or {}).get(name) or quantize_linear_weight(w, mode, groupsize, h, **gptq_kw)
+        for k, v in tensors.items():
             out[f"{name}.{k}"] = v
     record = {"mode": mode, "linears": names}
     if mode != "int8":
@@ -484,7 +487,7 @@ def gptq_transformer(model, state_dict: dict, samples: list[Tensor], groupsize: 
     cos, sin = (t[:T][None, None] for t in _rope(model, T))
     mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None]
     pos = torch.arange(T)
-    hessians = {}
+    hessians, done = {}, {}
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
     for prefix, layer in tqdm(blocks, desc="GPTQ", disable=not progress, unit="block"):
         names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
@@ -495,8 +498,8 @@ def gptq_transformer(model, state_dict: dict, samples: list[Tensor], groupsize: 
         for n in names:
             lin = layer.get_submodule(n)
             full = f"{prefix}.{n}"
-            hessians[full] = hs[n]
             q, sz = gptq_quantize(lin.weight, hs[n], groupsize, **gptq_kw)
+            done[full] = {"weight": pack_int4(q), "scales_and_zeros": sz}
             # later blocks must see this block's quantized outputs (assign: never write into the mmap'd file)
             lin.weight = nn.Parameter(dequantize_int4(q, sz, groupsize)[:, :lin.in_features], requires_grad=False)
         for j in range(len(x)):
@@ -507,7 +510,7 @@ def gptq_transformer(model, state_dict: dict, samples: list[Tensor], groupsize: 
         f = model.norm(x[j]).float()
         h += (f.t() @ f).double()
     hessians["output"] = (2 * h / (x.shape[0] * x.shape[1])).float()
-    return quantize_state_dict(model, state_dict, "int4-gptq", groupsize, hessians, progress, **gptq_kw)
+    return quantize_state_dict(model, state_dict, "int4-gptq", groupsize, hessians, progress, done, **gptq_kw)
 
 
 def _rope(model, T):
@@ -677,7 +680,8 @@ def bench_ops(config: dict, groupsize: int, rows=(1, 32), compile: bool = False,
               "w2": (a.dim, a.intermediate_size), "output": (a.vocab_size, a.dim)}
     lines = [f"µs per call, bf16 activations, {torch.get_num_threads()} threads"
              f"{', torch.compile' if compile else ''}; int4 groupsize {groupsize}",
-             "| layer | out x in | rows | bf16 | int8 | int4 | int8 speedup | int4 speedup |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| layer | out x in | rows | bf16 | int8 | int4 | int8 speedup | int4 speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, (n, k) in shapes.items():
         copies = 1 if name == "output" else a.n_layer
         mods = {"bf16": [], "int8": [], "int4": []}
