@@ -7,6 +7,7 @@ them, int4 quarters them. Activations stay in float; only the stored weights shr
     python quantize.py --checkpoint checkpoints/.../model.pth --mode int4 --groupsize 32   → model_int4.g32.pth
     python quantize.py --checkpoint checkpoints/.../model.pth --mode int4-gptq    → model_int4-gptq.g32.pth
     python quantize.py --eval --checkpoint checkpoints/.../model.pth --modes int8,int4,int4-gptq
+    python quantize.py --bench --checkpoint checkpoints/.../model.pth     (kernel timings per layer shape)
 
 What the file holds is independent of the PyTorch version and of the device (gpt-fast stored the
 tinygemm-packed layout and broke when that layout changed):
@@ -39,8 +40,9 @@ from checkpoint import UserError, atomic_save, read_checkpoint, run_cli
 
 MODES = ("int8", "int4", "int4-gptq")
 GROUPSIZES = (32, 64, 128, 256)
-# On CPU `_weight_int8pack_mm` beats bf16 F.linear ~2-3x for one row but falls behind dequantize + matmul
-# from ~32 rows (a speculative tree verify); measured on SmolLM2-135M's shapes (see the report in README).
+# On CPU `_weight_int8pack_mm` beats bf16 F.linear ~2x for one row but falls behind dequantize + matmul
+# from ~32 rows (a speculative tree verify): on SmolLM2-135M's shapes at 32 rows the packed kernel took
+# 1.4-2x the time of dequantize + matmul. `python quantize.py --bench --checkpoint ...` re-measures.
 INT8_PACKED_MAX_ROWS = 16
 
 
