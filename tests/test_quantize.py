@@ -354,6 +354,36 @@ def test_cli_writes_file_and_rejects_bad_flags(tmp_path, capsys):
     assert read_checkpoint(tmp_path / "renamed.pth")["quantization"]["mode"] == "int8"   # renamed: still known
 
 
+def byte_tokenizer(directory):
+    """A 256-token byte-level tokenizer.json matching the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(Path(directory) / "tokenizer.json"))
+
+
+def test_cli_gptq_with_calibration_file(tmp_path, capsys):
+    path, _, _ = write_checkpoint(tmp_path / "model.pth")
+    byte_tokenizer(tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    r = cli_in_process(capsys, "--checkpoint", path, "--mode", "int4-gptq", "--groupsize", "64", "--calib-file",
+                       calib, "--calib-samples", "4", "--calib-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    qpath = tmp_path / "model_int4-gptq.g64.pth"
+    assert read_checkpoint(qpath)["quantization"]["mode"] == "int4-gptq"
+    qm = load_model(qpath, "cpu", torch.float32)
+    ref = dequantized_reference(path, qpath)
+    prompt = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        assert greedy(qm, prompt, 4) == greedy(ref, prompt, 4)
+    # too little text for the requested samples: one clear line
+    assert_one_line_error(cli_in_process(capsys, "--checkpoint", path, "--mode", "int4-gptq", "--calib-file",
+                                         calib, "--calib-samples", "500", "--calib-seq-len", "64"), "calib")
+
+
 def test_corrupt_and_mismatched_files(tmp_path):
     path, _, _ = write_checkpoint(tmp_path / "model.pth")
     q8 = quantize.quantize_checkpoint(path, "int8", None, progress=False)
