@@ -484,6 +484,21 @@ COST_GRID = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64)
 SHIPPED_DRAFT = "eagle_draft.pth"   # --speculate without --draft looks for this next to the target's model.pth
 
 
+def shipped_draft(target):
+    """The default EAGLE draft for `target`: `eagle_draft.pth` beside its checkpoint, else the one this
+    repository ships in drafts/<checkpoint directory name>.eagle.pth (e.g. SmolLM2-135M-Instruct). The
+    name only finds the file; load_draft still checks that the draft fits the target's shapes."""
+    from pathlib import Path
+    meta = getattr(target, "checkpoint_meta", None) or {}
+    if not meta.get("path"):
+        return None
+    ckpt_dir = Path(meta["path"]).resolve().parent
+    for p in (ckpt_dir / SHIPPED_DRAFT, Path(__file__).resolve().parent / "drafts" / f"{ckpt_dir.name}.eagle.pth"):
+        if p.exists():
+            return p
+    return None
+
+
 def measure_verify_cost(target, ns=range(1, 65), reps: int = 3, forward=target_tree_forward) -> dict:
     """Seconds for one target forward over n tree tokens on top of a half-full cache, for each n (the
     median of `reps`). Uses the caches as they are (set them up first); leaves their content dirty."""
@@ -533,11 +548,8 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
         d = DraftModelDrafter(dm, k=tree_depth or DRAFT_LM_K, compile=compile)
     elif method == "eagle":
         import eagle_draft
-        if draft_path is None:   # the draft shipped next to the target checkpoint, if there is one
-            from pathlib import Path
-            meta = getattr(target, "checkpoint_meta", None) or {}
-            shipped = Path(meta["path"]).parent / SHIPPED_DRAFT if meta.get("path") else None
-            draft_path = shipped if shipped is not None and shipped.exists() else None
+        if draft_path is None:
+            draft_path = shipped_draft(target)
         if draft_path is None:
             raise UserError("--spec-method eagle needs an EAGLE draft (--draft PATH; train one with "
                             "scripts/train_eagle.py or convert one with convert_hf_checkpoint.py --eagle)")

@@ -363,3 +363,21 @@ def test_compiled_generation_does_not_recompile(target, trained):
         assert SP.speculative_generate(t, dr, p, 24)[0] == ref
     SP.speculative_generate(t, dr, prompts[0], 24, temperature=1.0, top_k=20)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_shipped_draft_lookup(tmp_path):
+    """--speculate without --draft: eagle_draft.pth beside the checkpoint wins, else drafts/<dir>.eagle.pth."""
+    from pathlib import Path
+    from speculative import shipped_draft
+
+    class T:
+        pass
+    t = T()
+    t.checkpoint_meta = {"path": str(tmp_path / "Nobody-1B" / "model.pth")}
+    (tmp_path / "Nobody-1B").mkdir()
+    assert shipped_draft(t) is None
+    (tmp_path / "Nobody-1B" / "eagle_draft.pth").write_bytes(b"x")
+    assert shipped_draft(t) == (tmp_path / "Nobody-1B" / "eagle_draft.pth").resolve()
+    t.checkpoint_meta = {"path": str(tmp_path / "SmolLM2-135M-Instruct" / "model_int4.g32.pth")}
+    repo = Path(__file__).resolve().parent.parent
+    assert shipped_draft(t) == repo / "drafts" / "SmolLM2-135M-Instruct.eagle.pth"
