@@ -97,11 +97,24 @@ def compile_decode(mode: Optional[str] = None, device: Optional[str] = None):
     a silent slowdown. mode=None picks "reduce-overhead" (CUDA graphs: one launch per token) when decoding
     on CUDA (`device`, default: CUDA if available) and Inductor's default (C++/OpenMP kernels) on CPU."""
     global decode_step
+    on_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if mode is None:
-        on_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
         mode = "reduce-overhead" if on_cuda else "default"
+    if not on_cuda:
+        cpu_inductor_settings()
     decode_step = torch.compile(decode_one_token, fullgraph=True, mode=mode)
     return decode_step
+
+
+def cpu_inductor_settings() -> None:
+    """Inductor on CPU: freeze the weights into the graph. Parameters then become constants that Inductor
+    prepacks for oneDNN's matmuls, which on this kind of CPU took bf16 decoding of SmolLM2-135M from ~55 to
+    ~73 tok/s (the KV caches are mutated buffers and stay live). The price: a compiled step is tied to the
+    weights it was compiled with (a different model object is a different graph anyway, by Dynamo's
+    guards), and prepacked copies can add memory. It is a global Inductor setting, so the speculative
+    verify and draft steps compiled later in the same process get it too."""
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
 
 
 def compile_prefill():
