@@ -104,6 +104,29 @@ def model_args(config: dict) -> ModelArgs:
         raise UserError(str(e))
 
 
+def load_weights(module: torch.nn.Module, state_dict: dict, quant, device, dtype, mismatch: str):
+    """Load a (possibly quantized) state dict into a module built on the meta device: swap in quantized
+    linears, assign the tensors (no copy of the mmap'd file), move to `device`, cast float tensors to
+    `dtype` (integer weights keep their storage), then pack quantized weights for the device.
+    A mismatch raises UserError("<mismatch>: <first problem>")."""
+    if quant:
+        import quantize  # only quantized files need it
+        quantize.swap_linears(module, quant)
+    try:
+        module.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise UserError(f"{mismatch}: {first.strip()[:300]}")
+    module = module.to(device=device)
+    for _, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+    if quant:
+        import quantize
+        quantize.prepare_for_device(module, device)
+    return module
+
+
 def load_model(path, device="cpu", dtype=torch.bfloat16) -> Transformer:
     """Build the Transformer described by the checkpoint and load its (possibly quantized) weights."""
     ckpt = read_checkpoint(path, "target")
@@ -111,27 +134,13 @@ def load_model(path, device="cpu", dtype=torch.bfloat16) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     quant = ckpt.get("quantization")
-    if quant:
-        import quantize  # only quantized files need it
-        quantize.swap_linears(model, quant)
     sd = dict(ckpt["state_dict"])
     if args.tie_embeddings and "output.weight" not in sd and "tok_embeddings.weight" in sd:
         # the module registers the tied weight under both names, so strict loading wants both
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise UserError(f"weights in {path} do not match its config: {first.strip()[:300]}")
+    model = load_weights(model, sd, quant, device, dtype, f"weights in {path} do not match its config")
     if args.tie_embeddings and isinstance(model.output, torch.nn.Linear):  # a quantized head is its own copy
         model.output.weight = model.tok_embeddings.weight
-    model = model.to(device=device)
-    # Float weights take the requested dtype; quantized weights keep their integer storage.
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and t.dtype != dtype:
-            t.data = t.data.to(dtype)
-    if quant:
-        quantize.prepare_for_device(model, device)
     model.checkpoint_meta = {"path": str(path), "quantization": quant, "config": ckpt["config"]}
     return model.eval()
 

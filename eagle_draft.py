@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 import model as M
-from checkpoint import UserError, atomic_save, read_checkpoint
+from checkpoint import UserError, atomic_save, load_weights, read_checkpoint
 
 # Config keys that a draft must share with its target (HF names, as in the target's config.json).
 _MATCH_KEYS = ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -190,20 +190,7 @@ def load_draft(path, target: M.Transformer, device="cpu", dtype=torch.bfloat16) 
         raise UserError(f"draft {path} has a draft vocabulary with ids outside the target's vocabulary")
     draft = EagleDraft(target.args, fc_bias=bool(cfg.get("fc_bias", "fc.bias" in sd)), draft_vocab=d2t)
     quant = ckpt.get("quantization")
-    if quant:
-        import quantize  # only quantized drafts need it
-        quantize.swap_linears(draft, quant)
-    try:
-        draft.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise UserError(f"weights in draft {path} do not fit this target: {first.strip()[:300]}")
-    draft = draft.to(device=device)
-    for _, t in list(draft.named_parameters()) + list(draft.named_buffers()):
-        if t.is_floating_point() and t.dtype != dtype:
-            t.data = t.data.to(dtype)
-    if quant:
-        quantize.prepare_for_device(draft, device)
+    draft = load_weights(draft, sd, quant, device, dtype, f"weights in draft {path} do not fit this target")
     draft.quantization = quant
     draft.checkpoint_meta = {"path": str(path), "config": cfg, "quantization": quant}
     return draft.eval().bind_target(target)
