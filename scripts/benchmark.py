@@ -525,7 +525,10 @@ class HFPeer:
         clock = _Clock()
         _sync(self.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        # Our CPU compile freezes weights (a global Inductor setting); transformers' static cache is a
+        # module attribute mutated in place, which freezing would fold into a constant: compile theirs unfrozen.
+        import torch._inductor.config as inductor_config
+        with torch.inference_mode(), inductor_config.patch(freezing=False):
             out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, streamer=clock,
                                       **extra)
         _sync(self.device)
