@@ -60,13 +60,21 @@ class EagleDraft(nn.Module):
         """Size of the draft's own vocabulary (N with a draft vocabulary, else the target's)."""
         return self.d2t.numel() if self.d2t is not None else self.args.vocab_size
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The draft's compute dtype (its norm weight is never quantized)."""
+        return self.layer.ffn_norm.weight.dtype
+
     def bind_target(self, target: M.Transformer) -> "EagleDraft":
         object.__setattr__(self, "embed", target.tok_embeddings)
         object.__setattr__(self, "lm_head", target.output)
         head = None
-        if self.d2t is not None and isinstance(target.output, nn.Linear) and target.output.weight.is_floating_point():
-            # gathered copy of the N draft-vocabulary rows (N × d): a draft step reads only these
-            head = target.output.weight.detach()[self.d2t.to(target.output.weight.device)].contiguous()
+        w = target.output.weight if isinstance(target.output, nn.Linear) else None
+        if w is not None and w.is_floating_point() and (self.d2t is not None or w.dtype != self.dtype):
+            # a copy of the N draft-vocabulary rows (N × d), so a draft step reads only these, in the draft's
+            # dtype (a bf16 draft beside an fp32 target reads half the bytes; the target still verifies)
+            head = w.detach()[self.d2t.to(w.device)] if self.d2t is not None else w.detach()
+            head = head.to(self.dtype).contiguous()
         object.__setattr__(self, "head_weight", head)
         return self
 
@@ -87,15 +95,16 @@ class EagleDraft(nn.Module):
 
     # ---- the network ----------------------------------------------------------------------------
     def forward(self, features: Tensor, tokens: Tensor, input_pos: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None, pos: Optional[Tensor] = None) -> Tensor:
+                mask: Optional[Tensor] = None, pos: Optional[Tensor] = None, kv=None) -> Tensor:
         """features [B,T,D] (f_t), tokens [B,T] (x_{t+1}) → draft hidden [B,T,D] (predicts f_{t+1}).
 
         With input_pos (cache slots [T]) it reads/writes the draft's KV cache; mask is bool
         [B|1,1,T,max_seq_length] over cache slots (default causal), pos the RoPE positions (default input_pos).
         With input_pos=None (training) no cache is touched: mask is [B|1,1,T,T] (default causal) and pos
-        defaults to 0..T-1.
+        defaults to 0..T-1; `kv` (training only) holds the K/V of earlier unrolled steps (see UnrolledKV).
         """
-        x = self.fc(torch.cat((self.embed(tokens).to(features.dtype), features), dim=-1))
+        features = features.to(self.dtype)
+        x = self.fc(torch.cat((self.embed(tokens).to(self.dtype), features), dim=-1))
         T = tokens.shape[1]
         attn = self.layer.attention
         if input_pos is None:
@@ -106,7 +115,7 @@ class EagleDraft(nn.Module):
             n = int(pos.max()) + 1
             cos, sin = M.rope_cache(self.args, n)
             cos, sin = cos.to(x.device)[pos].to(x.dtype), sin.to(x.device)[pos].to(x.dtype)
-            cache, attn.kv_cache = attn.kv_cache, None     # training never touches the inference cache
+            cache, attn.kv_cache = attn.kv_cache, kv       # training never touches the inference cache
             try:
                 return self.layer(x, *self._rope_shape(cos, sin), mask, None)
             finally:
@@ -127,7 +136,7 @@ class EagleDraft(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Draft logits over the draft vocabulary [..., Vd] (Vd = N with d2t, else the target vocab)."""
         if self.head_weight is not None:
-            return hidden @ self.head_weight.t()
+            return hidden.to(self.head_weight.dtype) @ self.head_weight.t()
         out = self.lm_head(hidden)
         return out if self.d2t is None else out[..., self.d2t]
 
@@ -283,7 +292,7 @@ class EagleDrafter:
         extra = max(self.max_depth + 1, (p.depth - 1) * p.F) + 1
         need = max_seq_length + extra
         if self.draft.max_seq_length < need:
-            self.draft.setup_caches(need, dtype=dtype, device=device)
+            self.draft.setup_caches(need, dtype=self.draft.dtype, device=device)
 
     def caches(self):
         return [self.draft.layer.attention.kv_cache]
@@ -464,8 +473,33 @@ def draft_vocab_from_counts(counts: Tensor, n: int, keep_ids=()) -> Tensor:
     return torch.topk(score, n).indices          # most frequent first, as EagleDraft documents d2t
 
 
+class UnrolledKV(nn.Module):
+    """Stands in for the KV cache while training unrolled steps: step s's keys/values are appended to
+    those of steps 1..s-1, so a query can attend to what the draft saw at decode time (see unrolled_mask).
+    (A Module only because the attention's `kv_cache` slot holds Modules.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.k = self.v = None
+
+    def update(self, input_pos, k: Tensor, v: Tensor):
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+def unrolled_mask(n: int, step: int, device) -> Tensor:
+    """[1, 1, n, step*n] bool: at unrolled step s, row i stands for the draft at slot i+s-1 after s-1 of
+    its own guesses. At decode time that query sees the true-feature slots 0..i (step 1's keys, causal)
+    and its own chain's earlier guesses (row i of steps 2..s-1) plus itself: a diagonal in each later block."""
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device=device))
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    return torch.cat([causal] + [eye] * (step - 1), dim=1)[None, None]
+
+
 def eagle_loss(draft, feats: Tensor, tokens: Tensor, loss_mask: Tensor, noise: float = 0.0,
-               w_cls: float = 0.1, generator=None) -> tuple:
+               w_cls: float = 0.1, generator=None, unroll: int = 1) -> tuple:
     """EAGLE-1 objective on a padded batch. feats [B,T,D] (target features), tokens [B,T], loss_mask [B,T].
 
     loss = SmoothL1(f̂_{t+1}, f_{t+1}) + w_cls · CE(softmax(head(f_{t+1})), head(f̂_{t+1}))
@@ -473,27 +507,54 @@ def eagle_loss(draft, feats: Tensor, tokens: Tensor, loss_mask: Tensor, noise: f
     frozen head the draft uses (restricted to the draft vocabulary when it has one), so the draft is
     taught the target's whole next-token distribution, not only the sampled token. Uniform noise on the
     input features stands in for the error the draft's own predicted features carry at depth > 1.
-    Returns (loss, {"reg": ..., "cls": ..., "acc": top-1 agreement on the draft vocab, "n": positions}).
+
+    unroll > 1 also trains what the draft does at depth 2..unroll ("training-time test", as in HASS and
+    EAGLE-3): step s feeds the draft its own step s-1 prediction f̂_{t+s-1} with the true token x_{t+s}
+    and asks for f_{t+s}, attending to the true-feature context plus its own earlier guesses exactly as
+    at decode time (UnrolledKV + unrolled_mask). Noise only blurs step 1's inputs; later steps carry the
+    draft's real errors. The step losses are averaged.
+    Returns (loss, {"reg": ..., "cls": ..., "acc": step-1 top-1 agreement on the draft vocab, "n": positions}).
     """
-    f_in, f_next = feats[:, :-1], feats[:, 1:]
-    x_next = tokens[:, 1:]
-    w = loss_mask[:, 1:].float()
+    B, T, _ = feats.shape
+    n = T - 1
+    f_in = feats[:, :-1]
     if noise > 0:
         # the generator lives on the training device, so a resumed run replays the same noise
         u = torch.rand(f_in.shape, generator=generator, device=f_in.device)
         f_in = f_in + ((u - 0.5) * noise).to(f_in.dtype)
-    pred = draft(f_in, x_next)
-    denom = w.sum().clamp_min(1.0)
-    reg = (F.smooth_l1_loss(pred.float(), f_next.float(), reduction="none").mean(-1) * w).sum() / denom
-    with torch.no_grad():
-        target_logits = draft.logits(f_next).float()
-        target_p = target_logits.softmax(-1)
-    logp = draft.logits(pred).float().log_softmax(-1)
-    cls = (-(target_p * logp).sum(-1) * w).sum() / denom
-    loss = reg + w_cls * cls
-    with torch.no_grad():
-        acc = ((logp.argmax(-1) == target_logits.argmax(-1)).float() * w).sum() / denom
-    return loss, {"reg": reg.detach(), "cls": cls.detach(), "acc": acc, "n": w.sum()}
+    kv = UnrolledKV() if unroll > 1 else None
+    pos = torch.arange(n, device=feats.device)
+    total = reg_sum = cls_sum = 0.0
+    acc = torch.zeros((), device=feats.device)
+    n1 = loss_mask[:, 1:].float().sum()
+    for s in range(1, unroll + 1):
+        if s > n:
+            break
+        # row i: input (f_{i+s-1} or its guess, x_{i+s}) → target f_{i+s}; rows past the end are padding
+        pad = s - 1
+        x_in = F.pad(tokens[:, s:], (0, pad))
+        f_next = F.pad(feats[:, s:], (0, 0, 0, pad))
+        w = F.pad(loss_mask[:, s:].float(), (0, pad))
+        mask = unrolled_mask(n, s, feats.device) if kv is not None else None
+        pred = draft(f_in, x_in, mask=mask, pos=pos + pad, kv=kv)
+        # the head and the vocabulary-sized softmaxes dominate the cost: run them on trained rows only
+        rows = w.flatten().nonzero().squeeze(1)
+        p_v, f_v = pred.flatten(0, 1)[rows], f_next.flatten(0, 1)[rows]
+        denom = float(max(rows.numel(), 1))
+        reg = F.smooth_l1_loss(p_v.float(), f_v.float(), reduction="none").mean(-1).sum() / denom
+        with torch.no_grad():
+            target_logits = draft.logits(f_v).float()
+            target_p = target_logits.softmax(-1)
+        logp = draft.logits(p_v).float().log_softmax(-1)
+        cls = -(target_p * logp).sum() / denom
+        total = total + reg + w_cls * cls
+        reg_sum, cls_sum = reg_sum + reg.detach(), cls_sum + cls.detach()
+        if s == 1:
+            with torch.no_grad():
+                acc = (logp.argmax(-1) == target_logits.argmax(-1)).float().sum() / denom
+        f_in = pred
+    k = min(unroll, n)
+    return total / k, {"reg": reg_sum / k, "cls": cls_sum / k, "acc": acc, "n": n1}
 
 
 @torch.no_grad()

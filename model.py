@@ -203,6 +203,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if mask.shape[-1] < k.shape[2]:
+                # a mask narrower than the cache bounds the slots attended: eager callers with short
+                # sequences (batched data generation) skip the empty tail of a long static cache
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         rep = self.n_head // self.n_kv
         if rep > 1:
             # GQA without copying the cache: the `rep` query heads sharing a kv head become extra query

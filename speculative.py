@@ -553,7 +553,10 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
         if draft_path is None:
             raise UserError("--spec-method eagle needs an EAGLE draft (--draft PATH; train one with "
                             "scripts/train_eagle.py or convert one with convert_hf_checkpoint.py --eagle)")
-        draft = eagle_draft.load_draft(draft_path, target, device, dtype)
+        # The draft only proposes, so its precision cannot change the output: beside an fp32 target it
+        # runs in bf16 (half the bytes per draft step, and the CPU's bf16 matrix units).
+        draft = eagle_draft.load_draft(draft_path, target, device,
+                                       torch.bfloat16 if dtype == torch.float32 else dtype)
         if draft_vocab is not None:
             if draft.d2t is None:
                 raise UserError(f"draft {draft_path} has no draft vocabulary to shrink; drop --draft-vocab "

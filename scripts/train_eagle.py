@@ -272,7 +272,7 @@ def generate_batch(model, prompts, max_new: int, stop_ids, temperature: float, d
         if j == max_new - 1:
             break
         s = P + j
-        m = (valid & (slots[None, :] <= s))[:, None, None, :]
+        m = (valid & (slots[None, :] <= s))[:, None, None, :s + 1]
         logits, h = model(cur[:, None], slots[s:s + 1], mask=m, pos=(s - pad)[:, None], return_hidden=True)
         steps_h.append(h[:, 0])
         done = done | torch.isin(cur, stop)
@@ -461,6 +461,22 @@ def load_data(data_dir: Path, fingerprint: str):
     return meta, seqs
 
 
+def epoch_batches(lengths, batch_size: int, seed: int) -> list:
+    """One epoch's batches (lists of sequence indices): shuffled, then sorted by length within windows
+    of 32 batches so a batch pads little, then the batches shuffled again. A pure function of the seed,
+    so a resumed run sees the same batches."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = 32 * batch_size
+    batches = []
+    for a in range(0, len(order), window):
+        chunk = sorted(order[a:a + window], key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -510,7 +526,7 @@ def train(args) -> None:
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA device is available")
-    for name in ("steps", "epochs", "batch_size", "save_every"):
+    for name in ("steps", "epochs", "batch_size", "save_every", "unroll"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1")
@@ -579,7 +595,8 @@ def train(args) -> None:
     step, history = 0, []
     config = {"data": [str(d) for d in args.data], "init": args.init, "checkpoint": str(args.checkpoint), "target": fp,
               "draft_vocab": args.draft_vocab, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-              "total_steps": total, "w_cls": args.w_cls, "noise": args.noise, "n_train": len(train_seqs)}
+              "total_steps": total, "w_cls": args.w_cls, "noise": args.noise, "n_train": len(train_seqs),
+              "unroll": args.unroll}
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         changed = [k for k in config if st["config"].get(k) != config[k]]
@@ -629,18 +646,21 @@ def train(args) -> None:
     bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
     t_start, ema = time.time(), None
     stop_at = min(total, step + args.stop_after) if args.stop_after else total
+    batches = None
     while step < stop_at:
         epoch, k = divmod(step, steps_per_epoch)
-        perm = list(range(len(train_seqs)))
-        random.Random(args.seed * 1000 + epoch).shuffle(perm)
-        batch = [train_seqs[i] for i in perm[k * args.batch_size:(k + 1) * args.batch_size]]
+        if k == 0 or batches is None or batches[0] != epoch:
+            batches = (epoch, epoch_batches([len(s[0]) for s in train_seqs], args.batch_size,
+                                            args.seed * 1000 + epoch))
+        batch = [train_seqs[i] for i in batches[1][k]]
         f, x, m = pad_batch(batch, device)
         f = f.float()   # stored in bf16; autocast (or --fp32) decides the compute dtype
         lr = lr_at(step, total, warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast():
-            loss, parts = eagle_loss(draft, f, x, m, noise=args.noise, w_cls=args.w_cls, generator=noise_gen)
+            loss, parts = eagle_loss(draft, f, x, m, noise=args.noise, w_cls=args.w_cls, generator=noise_gen,
+                                     unroll=args.unroll)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -708,6 +728,8 @@ def main(argv=None):
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--w-cls", type=float, default=0.1)
     t.add_argument("--noise", type=float, default=0.2)
+    t.add_argument("--unroll", type=int, default=1,
+                   help="also train depth 2..N on the draft's own guesses (training-time test; 1 = EAGLE-1)")
     t.add_argument("--draft-vocab", type=int, default=None,
                    help="draft vocabulary: the N most frequent assistant tokens (+ stop ids)")
     t.add_argument("--init", default=None, help="start from this draft file (fine-tuning; keeps its vocabulary)")

@@ -127,3 +127,39 @@ def test_convert_eagle_errors(tmp_path):
     torch.save({}, tmp_path / "e" / "pytorch_model.bin")
     with pytest.raises(UserError, match="different target"):
         convert_eagle_checkpoint(tmp_path / "e", tpath)
+
+
+def test_unrolled_training_step_matches_decode_time_draft():
+    """Training-time test: unrolled step 2, row i must be exactly what the cached draft computes at decode
+    time from true features at slots 0..i plus its own step-1 guess at slot i+1."""
+    t, _ = _target()
+    d = E.EagleDraft(t.args).eval().bind_target(t)
+    d.setup_caches(64, dtype=torch.float32)
+    T = 10
+    f, x = torch.randn(1, T, 64), torch.randint(0, 256, (1, T))
+    kv = E.UnrolledKV()
+    n = T - 1
+    pos = torch.arange(n)
+    p1 = d(f[:, :-1], x[:, 1:], mask=E.unrolled_mask(n, 1, "cpu"), pos=pos, kv=kv)
+    x2 = torch.nn.functional.pad(x[:, 2:], (0, 1))
+    p2 = d(p1, x2, mask=E.unrolled_mask(n, 2, "cpu"), pos=pos + 1, kv=kv)
+    for i in (0, 3, n - 2):
+        d(f[:, :i + 1], x[:, 1:i + 2], torch.arange(i + 1))          # true features in slots 0..i
+        h = d(p1[:, i:i + 1], x[:, i + 2:i + 3], torch.tensor([i + 1]))
+        torch.testing.assert_close(h[0, 0], p2[0, i], atol=1e-5, rtol=1e-5)
+    assert d.layer.attention.kv_cache is not None and not isinstance(d.layer.attention.kv_cache, E.UnrolledKV)
+
+
+def test_unrolled_loss_reduces_to_eagle1_and_trains_deeper_steps():
+    t, _ = _target()
+    d = E.EagleDraft(t.args).bind_target(t)
+    f, x = torch.randn(2, 12, 64), torch.randint(0, 256, (2, 12))
+    m = torch.ones(2, 12, dtype=torch.bool)
+    l1, parts1 = E.eagle_loss(d, f, x, m)
+    l1b, _ = E.eagle_loss(d, f, x, m, unroll=1)
+    torch.testing.assert_close(l1, l1b)
+    l3, parts3 = E.eagle_loss(d, f, x, m, unroll=3)
+    assert torch.isfinite(l3) and not torch.allclose(l1, l3)
+    torch.testing.assert_close(parts1["acc"], parts3["acc"])     # acc reports step 1 in both
+    l3.backward()
+    assert d.fc.weight.grad is not None and torch.isfinite(d.fc.weight.grad).all()
