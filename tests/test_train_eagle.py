@@ -241,7 +241,7 @@ def test_training_lowers_loss_and_raises_acceptance(target, regen_data, tmp_path
 
 
 def test_resume_reproduces_an_uninterrupted_run(target, regen_data, tmp_path):
-    common = ("--steps", 30, "--save-every", 10, "--noise", 0.2, "--no-initial-eval", "--fp32")
+    common = ("--steps", 30, "--save-every", 10, "--noise", 0.2, "--no-initial-eval", "--fp32", "--unroll", 2)
     cli(*train_args(target, regen_data, tmp_path / "a", *common))
     cli(*train_args(target, regen_data, tmp_path / "b", *common, "--stop-after", 10))
     assert torch.load(tmp_path / "b" / "state.pth", weights_only=False)["step"] == 10
@@ -285,3 +285,14 @@ def test_chain_window_only_drops_far_context(target, regen_data):
     assert torch.equal(full, same)
     # a window drops context, so the (random) draft's outputs may change, but each start is still scored
     assert chain_acceptance(draft, model.output, h.float(), t, starts, 5, window=4).shape == full.shape
+
+
+def test_epoch_batches_cover_every_sequence_once_and_pad_little():
+    lengths = [(i * 37) % 101 + 1 for i in range(500)]
+    a = train_eagle.epoch_batches(lengths, 8, seed=3)
+    assert a == train_eagle.epoch_batches(lengths, 8, seed=3)          # resume sees the same batches
+    assert a != train_eagle.epoch_batches(lengths, 8, seed=4)
+    flat = [i for b in a for i in b]
+    assert sorted(flat) == list(range(500)) and all(1 <= len(b) <= 8 for b in a)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in a)
+    assert padded < 1.15 * sum(lengths)
