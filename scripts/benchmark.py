@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
+from typing import Optional  # noqa: E402
 
 from checkpoint import UserError, atomic_write_text, model_bytes, run_cli  # noqa: E402
 
@@ -364,6 +365,27 @@ def quantized_checkpoint(checkpoint: Path, precision: str) -> Path:
     return path
 
 
+def quantized_draft(draft: Optional[str], target, checkpoint: Path, precision: str) -> Optional[str]:
+    """At int8/int4 the EAGLE draft is quantized the same way as the target (EAGLE + gpt-fast's int4 target
+    + int4 draft); the file is made once, beside the target's quantized weights."""
+    import speculative as S
+    _, name, mode = PRECISIONS[precision]
+    if name is None:
+        return draft
+    src = Path(draft) if draft else S.shipped_draft(target)
+    if src is None:
+        return draft               # build_drafter reports the missing draft
+    from quantize import output_path
+    dst = checkpoint.parent / output_path(Path(src), mode, 32 if mode != "int8" else None).name
+    if not dst.exists() or dst.stat().st_mtime < Path(src).stat().st_mtime:
+        r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--checkpoint", str(src), "--draft",
+                            "--mode", mode, "--output", str(dst)])
+        if r.returncode != 0 or not dst.exists():
+            raise UserError(f"could not quantize the draft {src} (python quantize.py --checkpoint {src} --draft "
+                            f"--mode {mode} exited with {r.returncode})")
+    return str(dst)
+
+
 class Ours:
     """Our engine: `ar` through generate.generate, every other method through speculative_generate."""
 
@@ -378,6 +400,10 @@ class Ours:
         if args.compile_prefill:
             G.compile_prefill()
         self.drafters = {}
+        draft = None
+        if any(m in TREE_OF for m in args.methods):
+            draft = quantized_draft(args.draft, self.model, Path(args.checkpoint), precision)
+        self.draft_path = draft
         for m in args.methods:
             if m in ("ar", "ar-eager"):
                 continue
@@ -386,7 +412,7 @@ class Ours:
                                     ("tree_tokens", args.tree_tokens), ("draft_vocab", args.draft_vocab))
                   if v is not None}
             self.drafters[m] = S.build_drafter(
-                "eagle" if m in TREE_OF else m, self.model, draft_path=args.draft,
+                "eagle" if m in TREE_OF else m, self.model, draft_path=draft,
                 draft_checkpoint=args.draft_checkpoint, tree=TREE_OF.get(m, "chain"),
                 device=device, dtype=dtype, compile=args.compile, **kw)
         self.bytes = model_bytes(self.model)

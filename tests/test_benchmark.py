@@ -211,3 +211,17 @@ def test_readme_perf_rewrites_only_the_block(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_perf.py"), "--results",
                         str(tmp_path / "results.json"), "--readme", str(readme)], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "perf:start" in r.stderr
+
+
+def test_quantized_precision_runs_a_quantized_draft(tiny_ckpt, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the quick brown fox"}) + "\n")
+    r = run_bench("--checkpoint", tiny_ckpt, "--prompts", prompts, "--limit", 1, "--methods", "ar,eagle",
+                  "--precisions", "int8", "--max-new-tokens", 8, "--draft", tiny_ckpt.parent / "draft.pth",
+                  "--device", "cpu", "--warmup", 0, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    qd = tiny_ckpt.parent / "draft_int8.pth"
+    import torch
+    assert torch.load(qd, weights_only=False)["quantization"]["mode"] == "int8"
+    recs = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    assert {r["method"] for r in recs} == {"ar", "eagle"}
