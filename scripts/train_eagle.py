@@ -10,9 +10,10 @@
              draft file in eagle_draft's format (only the draft's own weights).
 
     python scripts/train_eagle.py prepare --checkpoint checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth \\
-        --out data/smollm2 --regenerate --max-conversations 4000
+        --out data/smollm2_regen --regenerate --max-conversations 3072 --max-len 512 --batch-size 64 --shard-size 256
     python scripts/train_eagle.py train --checkpoint checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth \\
-        --data data/smollm2 --out runs/smollm2 --epochs 4 --draft-vocab 8192
+        --data data/smollm2_regen --out runs/smollm2 --steps 2400 --lr 1e-3 --draft-vocab 12288 --unroll 2
+(the shipped SmolLM2 draft; README.md has the whole recipe)
 
 Both stages can be interrupted and rerun with the same command: `prepare` skips finished shards,
 `train` continues from RUN_DIR/state.pth.
