@@ -515,8 +515,7 @@ def eagle_loss(draft, feats: Tensor, tokens: Tensor, loss_mask: Tensor, noise: f
     draft's real errors. The step losses are averaged.
     Returns (loss, {"reg": ..., "cls": ..., "acc": step-1 top-1 agreement on the draft vocab, "n": positions}).
     """
-    B, T, _ = feats.shape
-    n = T - 1
+    n = feats.shape[1] - 1
     f_in = feats[:, :-1]
     if noise > 0:
         # the generator lives on the training device, so a resumed run replays the same noise

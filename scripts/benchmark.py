@@ -357,12 +357,15 @@ def quantized_checkpoint(checkpoint: Path, precision: str) -> Path:
     path = checkpoint.parent / name
     if not path.exists():
         print(f"{path} is missing; running quantize.py --mode {mode} ...", file=sys.stderr)
-        r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--checkpoint", str(checkpoint),
-                            "--mode", mode])
-        if r.returncode != 0 or not path.exists():
-            raise UserError(f"could not make {path} (python quantize.py --checkpoint {checkpoint} --mode {mode} "
-                            f"exited with {r.returncode})")
+        run_quantize(["--checkpoint", str(checkpoint), "--mode", mode], path)
     return path
+
+
+def run_quantize(argv: list, dst: Path) -> None:
+    """quantize.py in a subprocess (it loads the float model; the benchmark keeps only what it runs)."""
+    r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), *argv])
+    if r.returncode != 0 or not dst.exists():
+        raise UserError(f"could not make {dst} (python quantize.py {' '.join(argv)} exited with {r.returncode})")
 
 
 def quantized_draft(draft: Optional[str], target, checkpoint: Path, precision: str) -> Optional[str]:
@@ -378,11 +381,7 @@ def quantized_draft(draft: Optional[str], target, checkpoint: Path, precision: s
     from quantize import output_path
     dst = checkpoint.parent / output_path(Path(src), mode, 32 if mode != "int8" else None).name
     if not dst.exists() or dst.stat().st_mtime < Path(src).stat().st_mtime:
-        r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--checkpoint", str(src), "--draft",
-                            "--mode", mode, "--output", str(dst)])
-        if r.returncode != 0 or not dst.exists():
-            raise UserError(f"could not quantize the draft {src} (python quantize.py --checkpoint {src} --draft "
-                            f"--mode {mode} exited with {r.returncode})")
+        run_quantize(["--checkpoint", str(src), "--draft", "--mode", mode, "--output", str(dst)], dst)
     return str(dst)
 
 
@@ -403,7 +402,6 @@ class Ours:
         draft = None
         if any(m in TREE_OF for m in args.methods):
             draft = quantized_draft(args.draft, self.model, Path(args.checkpoint), precision)
-        self.draft_path = draft
         for m in args.methods:
             if m in ("ar", "ar-eager"):
                 continue
