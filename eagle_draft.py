@@ -316,7 +316,8 @@ class EagleDrafter:
         gumbel = -torch.empty_like(logq).exponential_().log()
         return torch.topk(logq + gumbel, self.plan.K, dim=-1).indices, top.values
 
-    def propose(self, root: Tensor, L: Tensor, temperature: float = 0.0):
+    def propose(self, root: Tensor, L: Tensor, temperature: float = 0.0, Lh: Optional[int] = None):
+        """The round's tree: root at slot L (Lh: L on the host, when known, bounds the slots attended)."""
         from speculative import make_tree
         d, p = self.draft, self.plan
         K, F = p.K, p.F
@@ -324,7 +325,7 @@ class EagleDrafter:
         sampling = temperature > 0
         scale = 1.0 / temperature if sampling else 1.0
         n_slots = max((p.depth - 1) * F, 1)
-        Sd = d.max_seq_length
+        Sd = d.max_seq_length if Lh is None else M.visible_width(Lh + n_slots, d.max_seq_length, dev)
         cols = torch.arange(Sd, device=dev)
         prefix = (cols[None, :] < L).expand(F, Sd)
         tree_cols = L + torch.arange(n_slots, device=dev)
@@ -348,7 +349,7 @@ class EagleDrafter:
             f_par = prev_parent[sel]
             own = (s - 1) * F + torch.arange(F, device=dev)
             anc = prev_anc[f_par] | (torch.arange(n_slots, device=dev)[None, :] == own[:, None])
-            mask = prefix.index_copy(1, tree_cols, anc)[None, None]
+            mask = M.narrow_mask(prefix.index_copy(1, tree_cols, anc)[None, None], Sd)
             pos = (L - 1 + s).expand(F)
             hid = self.step(prev_hidden[f_par][None], d.to_target(f_tok)[None], L + own, mask, pos)[0]
             logq = torch.log_softmax(d.logits(hid).float() * scale, dim=-1)                  # [F, Vd]
@@ -393,13 +394,18 @@ class EagleDrafter:
             qrow = torch.cat([zero, cand_qrow[keep]])
         return make_tree(tokens, parent, valid, p.depth, K, q, qrow)
 
-    def update(self, tree, path: Tensor, n_acc: int, bonus: Tensor, features: Tensor, L: Tensor) -> None:
+    def update(self, tree, path: Tensor, n_acc: int, bonus: Tensor, features: Tensor, L: Tensor,
+               Lh: Optional[int] = None) -> None:
         """Feed the accepted tokens' true target features back: slots L..L+n_acc-1 get
         (f_{L+j}, x_{L+j+1}); always max_depth+1 rows so the draft step keeps one shape."""
         J = path.shape[0]
         nxt = torch.cat([tree.tokens[path[1:]], bonus.view(1)])
         nxt = torch.where(torch.arange(J, device=nxt.device) == n_acc - 1, bonus, nxt)
-        hid = self.step(features[path][None], nxt[None], L + torch.arange(J, device=nxt.device))[0]
+        slots = L + torch.arange(J, device=nxt.device)
+        d = self.draft
+        width = d.max_seq_length if Lh is None else M.visible_width(Lh + J, d.max_seq_length, nxt.device)
+        mask = M.narrow_mask(d.causal_mask[slots][None, None], width)
+        hid = self.step(features[path][None], nxt[None], slots, mask)[0]
         self.h_root = hid[n_acc - 1]
 
 # --- training ---

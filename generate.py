@@ -71,19 +71,20 @@ def load_target(checkpoint, device: str, dtype) -> tuple:
 # ---------------------------------------------------------------------------------------------------
 
 def prefill(model, idx: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int],
-            top_p: Optional[float]) -> tuple[Tensor, Tensor]:
+            top_p: Optional[float], mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Run the prompt idx [B, T] at cache slots input_pos [T]; return (next token [B, 1], hidden [B, T, D]).
     Only the last position goes through lm_head: for a 49k vocabulary the full [T, V] logits would cost
-    more than the rest of the prefill for short prompts. The hidden states are EAGLE's features."""
-    h = model.hidden(idx, input_pos)
+    more than the rest of the prefill for short prompts. The hidden states are EAGLE's features.
+    mask: model.causal_rows(...) (bounds the slots attended on CPU), or None for the whole cache."""
+    h = model.hidden(idx, input_pos, mask)
     logits = model.output(h[:, -1:])
     return sample(logits, temperature, top_k, top_p), h
 
 
 def decode_one_token(model, cur: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int],
-                     top_p: Optional[float]) -> Tensor:
-    """Feed cur [B, 1] at cache slot input_pos [1]; return the sampled next token [B, 1]."""
-    logits = model(cur, input_pos)
+                     top_p: Optional[float], mask: Optional[Tensor] = None) -> Tensor:
+    """Feed cur [B, 1] at cache slot input_pos [1]; return the sampled next token [B, 1]. mask: as prefill's."""
+    logits = model(cur, input_pos, mask)
     return sample(logits, temperature, top_k, top_p)
 
 
@@ -200,7 +201,8 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
 
     t0 = time.perf_counter()
     input_pos = torch.arange(start_pos, T, device=device)
-    cur, _ = prefill_step(model, prompt[:, start_pos:], input_pos, temperature, top_k, top_p)
+    cur, _ = prefill_step(model, prompt[:, start_pos:], input_pos, temperature, top_k, top_p,
+                          model.causal_rows(start_pos, T))
     cur = cur.clone()  # CUDA graphs reuse output memory on the next replay
     accept(cur.view(-1).tolist())
     t_first = time.perf_counter()
@@ -208,9 +210,11 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     pos = torch.tensor([T], device=device, dtype=torch.long)
     pending: list[Tensor] = []
     steps = 0
+    p = T   # pos on the host, for the mask's width: no sync needed to know it
     while not all(done) and steps + 1 < max_new_tokens:
-        nxt = decode_step(model, cur, pos, temperature, top_k, top_p).clone()
+        nxt = decode_step(model, cur, pos, temperature, top_k, top_p, model.causal_rows(p, p + 1)).clone()
         pos += 1  # in place: the compiled step sees the same tensor, only its value changes
+        p += 1
         cur = nxt
         steps += 1
         if check_each_step:

@@ -114,13 +114,40 @@ class ModelArgs:
         )
 
 
+# Attention reads every cache slot its mask covers, and on a CPU that is not free: with a 1024-slot cache,
+# attention over all slots was a quarter of a SmolLM2-135M decode step and 40% of a 12-token verify
+# (bf16, 2 cores), most of it spent on empty slots. So CPU callers that know how far the sequence reaches
+# pass a mask only as wide as needed, rounded up to WIDTH_BLOCK slots; its width is marked dynamic, so one
+# compiled graph serves every width. On CUDA the full cache is kept: attention there is cheap next to a
+# kernel launch, and CUDA graphs want one shape.
+WIDTH_BLOCK = 64
+
+
+def visible_width(end: int, max_seq_length: int, device) -> int:
+    """Cache slots a forward must attend to when its last token sits at slot end - 1."""
+    if torch.device(device).type == "cuda":
+        return max_seq_length
+    return min(max_seq_length, -(-end // WIDTH_BLOCK) * WIDTH_BLOCK)
+
+
+def narrow_mask(mask: Tensor, width: int) -> Tensor:
+    """mask[..., :width] (contiguous), its width marked dynamic so compiled callers do not recompile."""
+    m = mask[..., :width].contiguous()
+    torch._dynamo.maybe_mark_dynamic(m, m.dim() - 1)
+    return m
+
+
 class KVCache(nn.Module):
-    """Preallocated [batch, kv_heads, max_seq_length, head_dim] keys and values. Slots are written in place,
-    so shapes never change and a compiled step never recompiles as the sequence grows."""
+    """Preallocated [batch, kv_heads, max_seq_length + 1, head_dim] keys and values. Slots are written in
+    place, so shapes never change and a compiled step never recompiles as the sequence grows.
+
+    The last slot is never used. It is there so that a width-bounded view of the cache (visible_width) is
+    never the whole buffer: a whole-buffer view is contiguous and a narrower one is not, and a compiled
+    graph guards on that difference, so the full width would cost a recompilation at the cache's end."""
 
     def __init__(self, batch_size, max_seq_length, n_kv_heads, head_dim, dtype):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
+        shape = (batch_size, n_kv_heads, max_seq_length + 1, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
@@ -203,10 +230,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            if mask.shape[-1] < k.shape[2]:
-                # a mask narrower than the cache bounds the slots attended: eager callers with short
-                # sequences (batched data generation) skip the empty tail of a long static cache
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+            # attend to the slots the mask covers: a mask narrower than the cache skips its empty tail
+            # (see visible_width); a full-width mask makes this a no-op view
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         rep = self.n_head // self.n_kv
         if rep > 1:
             # GQA without copying the cache: the `rep` query heads sharing a kv head become extra query
@@ -278,12 +304,21 @@ class Transformer(nn.Module):
             causal &= ~torch.tril(causal, diagonal=-a.sliding_window)
         self.register_buffer("causal_mask", causal, persistent=False)
 
+    def causal_rows(self, start: int, end: int) -> Optional[Tensor]:
+        """The causal mask [1, 1, end - start, w] of tokens at slots start..end-1, only as wide as the slots
+        they can see (visible_width); None on CUDA, where the forward builds the full one itself."""
+        dev = self.causal_mask.device
+        if dev.type == "cuda":
+            return None
+        return narrow_mask(self.causal_mask[start:end][None, None], visible_width(end, self.max_seq_length, dev))
+
     def hidden(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None,
                pos: Optional[Tensor] = None) -> Tensor:
         """Final *normed* hidden state [B, T, dim] (EAGLE's feature).
 
         idx: [B, T] token ids; input_pos: [T] cache slots to write; mask: optional bool
-        [B or 1, 1, T, max_seq_length] over cache slots (True = attend; tree attention passes its own);
+        [B or 1, 1, T, W] over cache slots 0..W-1, W <= max_seq_length (True = attend; tree attention passes
+        its own; default: causal over the whole cache);
         pos: optional RoPE positions ([T] or [B, T]); defaults to input_pos (they differ for tree tokens,
         which sit in consecutive slots but share depths).
         """

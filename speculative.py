@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import model as M
+
 
 def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                     top_p: Optional[float] = None) -> Tensor:
@@ -114,14 +116,15 @@ def chain_tree(tokens: Tensor, valid: Tensor, q: Optional[Tensor] = None) -> Tre
 # Verification: one target forward over the tree
 # =====================================================================================================
 
-def tree_attention_mask(tree: Tree, L: Tensor, max_seq_length: int) -> Tensor:
-    """[1, 1, N, max_seq_length] bool: prefix slots < L, then the tree's ancestor mask at slots L.. ."""
+def tree_attention_mask(tree: Tree, L: Tensor, width: int) -> Tensor:
+    """[1, 1, N, width] bool over cache slots 0..width-1 (width >= L + N): prefix slots < L, then the
+    tree's ancestor mask at slots L.. ."""
     N = tree.tokens.shape[0]
     dev = tree.tokens.device
-    cols = torch.arange(max_seq_length, device=dev)
-    mask = (cols[None, :] < L).expand(N, max_seq_length).contiguous()
+    cols = torch.arange(width, device=dev)
+    mask = (cols[None, :] < L).expand(N, width).contiguous()
     mask = mask.index_copy(1, L + torch.arange(N, device=dev), tree.mask)
-    return mask[None, None]
+    return M.narrow_mask(mask[None, None], width)
 
 
 def target_tree_forward(target, tokens: Tensor, input_pos: Tensor, mask: Tensor, pos: Tensor):
@@ -130,11 +133,14 @@ def target_tree_forward(target, tokens: Tensor, input_pos: Tensor, mask: Tensor,
     return logits[0], hidden[0]
 
 
-def verify(target, tree: Tree, L: Tensor, forward=target_tree_forward):
-    """One target forward over the tree at cache slots L..L+N-1 → (logits [N, V], features [N, D])."""
+def verify(target, tree: Tree, L: Tensor, forward=target_tree_forward, Lh: Optional[int] = None):
+    """One target forward over the tree at cache slots L..L+N-1 → (logits [N, V], features [N, D]).
+    Lh: L on the host, when known, bounds the slots attended (model.visible_width)."""
     N = tree.tokens.shape[0]
     input_pos = L + torch.arange(N, device=tree.tokens.device)
-    mask = tree_attention_mask(tree, L, target.max_seq_length)
+    S = target.max_seq_length
+    width = S if Lh is None else M.visible_width(Lh + N, S, tree.tokens.device)
+    mask = tree_attention_mask(tree, L, width)
     return forward(target, tree.tokens, input_pos, mask, L + tree.depth)
 
 
@@ -270,7 +276,7 @@ class DraftModelDrafter:
         self.Ld = torch.tensor(T, device=prompt.device)
         self.pending = [first.view(())]
 
-    def propose(self, root: Tensor, L: Tensor, temperature: float = 0.0):
+    def propose(self, root: Tensor, L: Tensor, temperature: float = 0.0, Lh: Optional[int] = None):
         toks, qs = [root.view(())], []
         V = None
         for t in self.pending:                # 1 or 2 tokens the draft has not seen yet
@@ -295,7 +301,7 @@ class DraftModelDrafter:
                 q = torch.nn.functional.pad(q, (0, V - q.shape[-1]))
         return chain_tree(tokens, torch.ones_like(tokens, dtype=torch.bool), q)
 
-    def update(self, tree, path, n_acc: int, bonus: Tensor, features, L) -> None:
+    def update(self, tree, path, n_acc: int, bonus: Tensor, features, L, Lh: Optional[int] = None) -> None:
         # the draft saw root, d1..d_{k-1} at Ld_round.. ; d_j is right for j < n_acc
         a = n_acc - 1
         self.Ld = L + 1 + min(a, self.k - 1)
@@ -335,7 +341,7 @@ class LookupDrafter:
                     return ctx[start + n:start + n + self.k]
         return []
 
-    def propose(self, root: Tensor, L, temperature: float = 0.0):
+    def propose(self, root: Tensor, L, temperature: float = 0.0, Lh: Optional[int] = None):
         prop = self.match()
         if not prop:
             return None
@@ -350,7 +356,7 @@ class LookupDrafter:
             q = q * torch.roll(valid, -1)[:, None]
         return chain_tree(toks, valid, q)
 
-    def update(self, tree, path, n_acc, bonus, features, L) -> None:
+    def update(self, tree, path, n_acc, bonus, features, L, Lh: Optional[int] = None) -> None:
         pass        # speculative_generate appends the accepted tokens to self.context
 
 
@@ -358,8 +364,8 @@ class LookupDrafter:
 # The speculative loop
 # =====================================================================================================
 
-def _plain_step(target, token: Tensor, pos: Tensor):
-    logits, hidden = target(token.view(1, 1), pos.view(1), return_hidden=True)
+def _plain_step(target, token: Tensor, pos: Tensor, mask: Optional[Tensor] = None):
+    logits, hidden = target(token.view(1, 1), pos.view(1), mask, return_hidden=True)
     return logits[0, -1], hidden[0, -1]
 
 
@@ -425,19 +431,19 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
     while not finished:
         tree = None
         if speculating and Lh + drafter.N <= S:
-            tree = drafter.propose(root, L, temperature)
+            tree = drafter.propose(root, L, temperature, Lh)
         else:
             speculating = drafter.method == "lookup" and Lh + drafter.N <= S
         if tree is None:
             # no proposal (lookup miss) or the tree no longer fits before the cache end: one plain step
-            lg, _ = plain(target, root, L)
+            lg, _ = plain(target, root, L, target.causal_rows(Lh, Lh + 1))
             root = sample(lg, temperature, top_k, top_p)
             ids, n = [int(root)], 1
             hist[0] += 1
             if drafter.method != "lookup":
                 speculating = False      # the draft's cache is not kept up to date any more
         else:
-            lg, feats = verify(target, tree, L, forward)
+            lg, feats = verify(target, tree, L, forward, Lh)
             if temperature > 0:
                 path, n_acc, bonus = accept_sample(tree, lg, temperature, top_k, top_p)
             else:
@@ -447,7 +453,7 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
             n = host[0]
             ids = host[2:1 + n] + [host[-1]]
             hist[n - 1] += 1
-            drafter.update(tree, path, n, bonus, feats, L)
+            drafter.update(tree, path, n, bonus, feats, L, Lh)
             root = bonus
         rounds += 1
         accepted += n
@@ -506,16 +512,25 @@ def measure_verify_cost(target, ns=range(1, 65), reps: int = 3, forward=target_t
     S = target.max_seq_length
     L = torch.tensor(max(0, min(S // 2, S - max(ns) - 1)), device=dev)
     out = {}
-    for n in ns:
-        tree = chain_tree(torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev))
-        times = []
-        for _ in range(reps + 1):
-            t = time.perf_counter()
-            lg, _ = verify(target, tree, L, forward)
-            float(lg[0, 0])
-            times.append(time.perf_counter() - t)
-        out[n] = sorted(times[1:])[len(times[1:]) // 2]
+    # every n is its own graph: lift Dynamo's per-function recompile limit (8) for the sweep, or a
+    # compiled `forward` (fullgraph=True) would fail hard at the ninth size (n ≤ 64, plus the budgets
+    # compiled for decoding)
+    with torch._dynamo.config.patch(recompile_limit=128):
+        for n in ns:
+            out[n] = _time_verify(target, n, L, reps, forward)
     return out
+
+
+def _time_verify(target, n: int, L: Tensor, reps: int, forward) -> float:
+    dev = L.device
+    tree = chain_tree(torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev))
+    times = []
+    for _ in range(reps + 1):     # the first call compiles / warms up
+        t = time.perf_counter()
+        lg, _ = verify(target, tree, L, forward, int(L))
+        float(lg[0, 0])
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def pick_tree_tokens(cost: dict, tau_gain: float = 0.9) -> int:
@@ -606,6 +621,9 @@ def main(argv=None):
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     target = load_model(a.measure_verify, "cpu", dtype)
     target.setup_caches(1, 512)
+    if a.compile:
+        from generate import cpu_inductor_settings
+        cpu_inductor_settings()     # as generate.py --compile does: time the graph decoding will run
     fwd = torch.compile(target_tree_forward, fullgraph=True, dynamic=False) if a.compile else target_tree_forward
     ns = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64) if n <= a.max_n] if a.coarse \
         else range(1, a.max_n + 1)

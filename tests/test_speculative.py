@@ -346,12 +346,15 @@ def test_sampling_lossless_end_to_end(top_k=5, top_p=0.9):
 
 def test_compiled_generation_does_not_recompile(target, trained):
     """compile=True: the verify step, the draft tree step and the draft catch-up step each compile once;
-    further generations (other prompts, lengths, sampling) add no graphs and stay lossless."""
+    further generations (other prompts, lengths, sampling, attention widths up to the whole cache) add
+    no graphs and stay lossless."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     t = copy.deepcopy(target)
     d = copy.deepcopy(trained).bind_target(t)
-    prompts = _prompts(11, 3)
+    # the 60- and 90-token prompts widen the attended slots past 64 and up to the whole 128-slot cache
+    prompts = _prompts(11, 3) + [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n))
+                                 for n in (60, 90)]
     refs = [greedy_reference(target, p, 24) for p in prompts]
     dr = E.EagleDrafter(d, "dynamic", 4, 3, 10, compile=True)
     dr.verify_forward = torch.compile(SP.target_tree_forward, fullgraph=True, dynamic=False)
