@@ -284,7 +284,8 @@ class EagleDrafter:
         self.max_depth = self.plan.depth
         self.step = draft.forward
         if compile:
-            self.step = torch.compile(draft.forward, fullgraph=True, dynamic=False)
+            from generate import compile_step
+            self.step = compile_step(draft.forward, draft.dtype, draft.fc.weight.device)
         self.h_root = None
 
     def setup(self, max_seq_length: int, dtype, device) -> None:

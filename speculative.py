@@ -259,7 +259,9 @@ class DraftModelDrafter:
         self.N, self.max_depth = k + 1, k
         self.step = _draft_lm_step
         if compile:
-            self.step = torch.compile(_draft_lm_step, fullgraph=True, dynamic=False)
+            from generate import compile_step
+            self.step = compile_step(_draft_lm_step, draft_model.tok_embeddings.weight.dtype,
+                                     draft_model.tok_embeddings.weight.device)
         self.pending: list = []
 
     def setup(self, max_seq_length: int, dtype, device) -> None:
@@ -549,6 +551,7 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     (draft_checkpoint = a small target-format LM, chain of tree_depth tokens) or "lookup" (prompt
     lookup, chain of tree_depth tokens). tree_tokens: int or "auto" (measure the target's verify cost)."""
     from checkpoint import UserError, load_model
+    from generate import compile_step
     device = device or target.tok_embeddings.weight.device
     dtype = dtype or target.tok_embeddings.weight.dtype
     if method == "lookup":
@@ -587,8 +590,7 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
         if tree_tokens == "auto":
             if target.max_seq_length < 256:
                 target.setup_caches(1, min(512, target.args.max_position_embeddings))
-            fwd = torch.compile(target_tree_forward, fullgraph=True, dynamic=False) if compile \
-                else target_tree_forward
+            fwd = compile_step(target_tree_forward, dtype, device) if compile else target_tree_forward
             cost = measure_verify_cost(target, COST_GRID, forward=fwd)
             tokens = pick_tree_tokens(cost)
         d = eagle_draft.EagleDrafter(draft, tree, depth, topk, int(tokens), compile=compile)
@@ -597,8 +599,8 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     else:
         raise UserError(f"unknown speculative method {method!r} (eagle, draft, lookup)")
     if compile:
-        d.verify_forward = torch.compile(target_tree_forward, fullgraph=True, dynamic=False)
-        d.plain_forward = torch.compile(_plain_step, fullgraph=True, dynamic=False)
+        d.verify_forward = compile_step(target_tree_forward, dtype, device)
+        d.plain_forward = compile_step(_plain_step, dtype, device)
     return d
 
 
@@ -621,10 +623,9 @@ def main(argv=None):
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     target = load_model(a.measure_verify, "cpu", dtype)
     target.setup_caches(1, 512)
-    if a.compile:
-        from generate import cpu_inductor_settings
-        cpu_inductor_settings()     # as generate.py --compile does: time the graph decoding will run
-    fwd = torch.compile(target_tree_forward, fullgraph=True, dynamic=False) if a.compile else target_tree_forward
+    # compiled as generate.py --compile compiles it: time the graph decoding will run
+    from generate import compile_step
+    fwd = compile_step(target_tree_forward, dtype, "cpu") if a.compile else target_tree_forward
     ns = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64) if n <= a.max_n] if a.coarse \
         else range(1, a.max_n + 1)
     cost = {}

@@ -395,9 +395,12 @@ class Ours:
         self.model, self.tokenizer = G.load_target(str(quantized_checkpoint(Path(args.checkpoint), precision)),
                                                    device, dtype)
         if args.compile:
-            G.compile_decode()
+            G.compile_decode(dtype=dtype)
         if args.compile_prefill:
             G.compile_prefill()
+        # this precision's own compiled steps: all precisions are loaded up front and the next one's
+        # compile_decode replaces the module-level step (whose compile options depend on the dtype)
+        self.steps = (G.decode_step, G.prefill_step)
         self.drafters = {}
         draft = None
         if any(m in TREE_OF for m in args.methods):
@@ -474,8 +477,7 @@ class Ours:
         kw = dict(temperature=temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=tuple(self.tokenizer.stop_ids))
         if method in ("ar", "ar-eager"):
             G, compiled = self.G, (self.G.decode_step, self.G.prefill_step)
-            if method == "ar-eager":
-                G.decode_step, G.prefill_step = G.decode_one_token, G.prefill
+            G.decode_step, G.prefill_step = (G.decode_one_token, G.prefill) if method == "ar-eager" else self.steps
             try:
                 tokens, st = G.generate(self.model, prompt, max_new_tokens, **kw)
             finally:

@@ -119,7 +119,7 @@ def test_compiled_decode_matches_eager_without_recompiles(tiny_ckpt):
     try:
         torch._dynamo.reset()
         counters.clear()
-        generate.compile_decode()
+        generate.compile_decode(dtype=torch.float32)   # the fp32 CPU path: autotuned C++ GEMMs
         warm, _ = generate.generate(m, prompt, 200)  # compiles here, once for every attention width
         assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
         counters.clear()
