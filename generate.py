@@ -113,7 +113,9 @@ def _on_cuda(device) -> bool:
 # (and for the few rows of a verify) MKL's sgemm is far from the memory bound; on this 2-core AVX-512 CPU
 # the template halved a SmolLM2-135M fp32 forward (1 token: 38 → 20 ms, 12 tokens: 73 → 37 ms). It costs
 # ~20 s more compile time. bf16 keeps oneDNN's prepacked (AMX) linear, which the template did not beat.
-FP32_CPU_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+FP32_CPU_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                    # keep the autotuner's per-matmul timing tables off the user's stderr
+                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def compile_step(fn, dtype=None, device: Optional[str] = None, mode: str = "default"):
