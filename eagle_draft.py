@@ -285,7 +285,7 @@ class EagleDrafter:
         self.step = draft.forward
         if compile:
             from generate import compile_step
-            self.step = compile_step(draft.forward, draft.dtype, draft.fc.weight.device)
+            self.step = compile_step(draft.forward, draft, draft.fc.weight.device)
         self.h_root = None
 
     def setup(self, max_seq_length: int, dtype, device) -> None:

@@ -93,15 +93,15 @@ decode_step = decode_one_token
 prefill_step = prefill
 
 
-def compile_decode(mode: Optional[str] = None, device: Optional[str] = None, dtype=None):
+def compile_decode(mode: Optional[str] = None, device: Optional[str] = None, model=None):
     """Compile the one-token decode step once, with fullgraph=True so any graph break is an error instead of
     a silent slowdown. mode=None picks "reduce-overhead" (CUDA graphs: one launch per token) when decoding
     on CUDA (`device`, default: CUDA if available) and Inductor's default (C++/OpenMP kernels) on CPU.
-    dtype: the model's weight dtype (picks the CPU matmul kernels, see compile_step)."""
+    model: the model it will run (picks the CPU matmul kernels, see gemm_template_pays)."""
     global decode_step
     if mode is None:
         mode = "reduce-overhead" if _on_cuda(device) else "default"
-    decode_step = compile_step(decode_one_token, dtype, device, mode)
+    decode_step = compile_step(decode_one_token, model, device, mode)
     return decode_step
 
 
@@ -109,25 +109,37 @@ def _on_cuda(device) -> bool:
     return torch.cuda.is_available() if device is None else str(device).startswith("cuda")
 
 
-# fp32 weights on CPU: Inductor's own C++ GEMM template, autotuned against MKL at compile time. At batch 1
-# (and for the few rows of a verify) MKL's sgemm is far from the memory bound; on this 2-core AVX-512 CPU
-# the template halved a SmolLM2-135M fp32 forward (1 token: 38 → 20 ms, 12 tokens: 73 → 37 ms). It costs
-# ~20 s more compile time. bf16 keeps oneDNN's prepacked (AMX) linear, which the template did not beat.
-FP32_CPU_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                    # keep the autotuner's per-matmul timing tables off the user's stderr
-                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+# Inductor's own C++ GEMM template, autotuned against the library kernel at compile time. At batch 1 (and
+# for the few rows of a verify) MKL's fp32 sgemm is far from the memory bound; on this 2-core AVX-512 CPU
+# the template halved a SmolLM2-135M fp32 forward (1 token: 38 → 20 ms, 12 tokens: 73 → 37 ms), and it
+# took int8/int4 weight-only decoding from ~110/~125 to ~135/~150 tok/s. For plain bf16 weights oneDNN's
+# prepacked linear was faster (80 vs 62 tok/s), so bf16 keeps it. Costs ~20 s more compile time.
+GEMM_TEMPLATE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                         # keep the autotuner's per-matmul timing tables off the user's stderr
+                         "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
-def compile_step(fn, dtype=None, device: Optional[str] = None, mode: str = "default"):
+def gemm_template_pays(model) -> bool:
+    """True when `model`'s matmuls are fp32 or weight-only quantized (see GEMM_TEMPLATE_OPTIONS); its first
+    linear layer decides."""
+    for m in (model.modules() if model is not None else ()):
+        if isinstance(m, torch.nn.Linear):
+            return m.weight.dtype == torch.float32
+        if type(m).__name__.startswith("WeightOnlyInt"):      # quantize.py's int8 / int4 linears
+            return True
+    return False
+
+
+def compile_step(fn, model=None, device: Optional[str] = None, mode: str = "default"):
     """torch.compile(fn) the way every step here is compiled: fullgraph, static shapes unless marked
-    dynamic (mask widths), frozen weights (+ the fp32 GEMM template) on CPU. The speculative steps keep
-    mode "default" on CUDA too: CUDA graphs would overwrite a step's output on the next replay, and a
-    draft round still reads the previous step's hidden state."""
+    dynamic (mask widths), frozen weights (+ the GEMM template where it pays) on CPU. `model` is the model
+    fn runs. The speculative steps keep mode "default" on CUDA too: CUDA graphs would overwrite a step's
+    output on the next replay, and a draft round still reads the previous step's hidden state."""
     if _on_cuda(device):
         return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     cpu_inductor_settings()
-    if dtype == torch.float32 and mode == "default":
-        return torch.compile(fn, fullgraph=True, dynamic=False, options=FP32_CPU_OPTIONS)
+    if mode == "default" and gemm_template_pays(model):
+        return torch.compile(fn, fullgraph=True, dynamic=False, options=GEMM_TEMPLATE_OPTIONS)
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
 
 
@@ -541,7 +553,7 @@ def main(argv=None) -> None:
 
     gen = speculative_generator(a, model, device, dtype) if a.speculate else generate
     if a.compile:
-        compile_decode(device=device, dtype=dtype)
+        compile_decode(device=device, model=model)
     if a.compile_prefill:
         compile_prefill()
     if a.compile or a.compile_prefill:

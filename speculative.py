@@ -260,8 +260,7 @@ class DraftModelDrafter:
         self.step = _draft_lm_step
         if compile:
             from generate import compile_step
-            self.step = compile_step(_draft_lm_step, draft_model.tok_embeddings.weight.dtype,
-                                     draft_model.tok_embeddings.weight.device)
+            self.step = compile_step(_draft_lm_step, draft_model, draft_model.tok_embeddings.weight.device)
         self.pending: list = []
 
     def setup(self, max_seq_length: int, dtype, device) -> None:
@@ -590,7 +589,7 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
         if tree_tokens == "auto":
             if target.max_seq_length < 256:
                 target.setup_caches(1, min(512, target.args.max_position_embeddings))
-            fwd = compile_step(target_tree_forward, dtype, device) if compile else target_tree_forward
+            fwd = compile_step(target_tree_forward, target, device) if compile else target_tree_forward
             cost = measure_verify_cost(target, COST_GRID, forward=fwd)
             tokens = pick_tree_tokens(cost)
         d = eagle_draft.EagleDrafter(draft, tree, depth, topk, int(tokens), compile=compile)
@@ -599,8 +598,8 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     else:
         raise UserError(f"unknown speculative method {method!r} (eagle, draft, lookup)")
     if compile:
-        d.verify_forward = compile_step(target_tree_forward, dtype, device)
-        d.plain_forward = compile_step(_plain_step, dtype, device)
+        d.verify_forward = compile_step(target_tree_forward, target, device)
+        d.plain_forward = compile_step(_plain_step, target, device)
     return d
 
 
@@ -625,7 +624,7 @@ def main(argv=None):
     target.setup_caches(1, 512)
     # compiled as generate.py --compile compiles it: time the graph decoding will run
     from generate import compile_step
-    fwd = compile_step(target_tree_forward, dtype, "cpu") if a.compile else target_tree_forward
+    fwd = compile_step(target_tree_forward, target, "cpu") if a.compile else target_tree_forward
     ns = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64) if n <= a.max_n] if a.coarse \
         else range(1, a.max_n + 1)
     cost = {}

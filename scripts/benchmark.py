@@ -395,7 +395,7 @@ class Ours:
         self.model, self.tokenizer = G.load_target(str(quantized_checkpoint(Path(args.checkpoint), precision)),
                                                    device, dtype)
         if args.compile:
-            G.compile_decode(dtype=dtype)
+            G.compile_decode(model=self.model)
         if args.compile_prefill:
             G.compile_prefill()
         # this precision's own compiled steps: all precisions are loaded up front and the next one's

@@ -119,7 +119,7 @@ def test_compiled_decode_matches_eager_without_recompiles(tiny_ckpt):
     try:
         torch._dynamo.reset()
         counters.clear()
-        generate.compile_decode(dtype=torch.float32)   # the fp32 CPU path: autotuned C++ GEMMs
+        generate.compile_decode(model=m)   # fp32 on CPU: the autotuned C++ GEMM template
         warm, _ = generate.generate(m, prompt, 200)  # compiles here, once for every attention width
         assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
         counters.clear()
@@ -236,3 +236,14 @@ def test_real_model_knows_paris(request):
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     tokens, _ = generate.generate(model, torch.tensor(ids), 20, stop_ids=tok.stop_ids)
     assert "Paris" in tok.decode(tokens[0])
+
+
+def test_gemm_template_choice():
+    """fp32 and weight-only quantized models compile with Inductor's C++ GEMM template; bf16 keeps oneDNN."""
+    import model as M
+    import quantize
+    m = M.Transformer(M.ModelArgs(dim=64, n_layer=1, n_head=4, intermediate_size=128, vocab_size=50))
+    assert generate.gemm_template_pays(m)
+    assert not generate.gemm_template_pays(m.to(torch.bfloat16))
+    assert generate.gemm_template_pays(quantize.swap_linears(m, {"mode": "int8"}))
+    assert not generate.gemm_template_pays(None)
