@@ -135,11 +135,10 @@ def compile_step(fn, model=None, device: Optional[str] = None, mode: str = "defa
     dynamic (mask widths), frozen weights (+ the GEMM template where it pays) on CPU. `model` is the model
     fn runs. The speculative steps keep mode "default" on CUDA too: CUDA graphs would overwrite a step's
     output on the next replay, and a draft round still reads the previous step's hidden state."""
-    if _on_cuda(device):
-        return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    cpu_inductor_settings()
-    if mode == "default" and gemm_template_pays(model):
-        return torch.compile(fn, fullgraph=True, dynamic=False, options=GEMM_TEMPLATE_OPTIONS)
+    if not _on_cuda(device):
+        cpu_inductor_settings()
+        if mode == "default" and gemm_template_pays(model):
+            return torch.compile(fn, fullgraph=True, dynamic=False, options=GEMM_TEMPLATE_OPTIONS)
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
 
 

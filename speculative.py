@@ -553,6 +553,8 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     from generate import compile_step
     device = device or target.tok_embeddings.weight.device
     dtype = dtype or target.tok_embeddings.weight.dtype
+    # one compiled verify step, shared by --tree-tokens auto's timing and decoding
+    verify_forward = compile_step(target_tree_forward, target, device) if compile else target_tree_forward
     if method == "lookup":
         d = LookupDrafter(k=tree_depth or LOOKUP_K)
     elif method == "draft":
@@ -589,8 +591,7 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
         if tree_tokens == "auto":
             if target.max_seq_length < 256:
                 target.setup_caches(1, min(512, target.args.max_position_embeddings))
-            fwd = compile_step(target_tree_forward, target, device) if compile else target_tree_forward
-            cost = measure_verify_cost(target, COST_GRID, forward=fwd)
+            cost = measure_verify_cost(target, COST_GRID, forward=verify_forward)
             tokens = pick_tree_tokens(cost)
         d = eagle_draft.EagleDrafter(draft, tree, depth, topk, int(tokens), compile=compile)
         if tree_tokens == "auto":
@@ -598,7 +599,7 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     else:
         raise UserError(f"unknown speculative method {method!r} (eagle, draft, lookup)")
     if compile:
-        d.verify_forward = compile_step(target_tree_forward, target, device)
+        d.verify_forward = verify_forward
         d.plain_forward = compile_step(_plain_step, target, device)
     return d
 

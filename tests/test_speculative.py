@@ -384,3 +384,16 @@ def test_shipped_draft_lookup(tmp_path):
     t.checkpoint_meta = {"path": str(tmp_path / "SmolLM2-135M-Instruct" / "model_int4.g32.pth")}
     repo = Path(__file__).resolve().parent.parent
     assert shipped_draft(t) == repo / "drafts" / "SmolLM2-135M-Instruct.eagle.pth"
+
+
+def test_measure_verify_cost_compiled_past_recompile_limit(target):
+    """--tree-tokens auto / --measure-verify with --compile time one graph per budget: more budgets than
+    Dynamo's recompile limit (8; lowered to 1 here to keep the test short) must not turn into a hard
+    failure under fullgraph=True."""
+    torch._dynamo.reset()
+    t = copy.deepcopy(target)
+    t.setup_caches(1, 64)
+    fwd = torch.compile(SP.target_tree_forward, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        cost = SP.measure_verify_cost(t, (1, 2), reps=1, forward=fwd)
+    assert sorted(cost) == [1, 2] and all(c > 0 for c in cost.values())
