@@ -137,6 +137,22 @@ def narrow_mask(mask: Tensor, width: int) -> Tensor:
     return m
 
 
+# Query rows per kv head up to which compiled CPU attention is plain broadcast-and-reduce (few_rows_attention)
+# instead of SDPA: a decode step (rows = the query heads sharing a kv head) and small draft steps.
+FEW_ROWS = 8
+
+
+def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of a few query rows, written so that Inductor fuses it into two reduction loops over the
+    cache (nothing [rows, width, head_dim]-sized is materialized when compiled). On the 2-core AVX-512 CPU this
+    was built on, for a decode step of SmolLM2-135M (3 rows per kv head, 320 visible slots, 30 layers) it took
+    0.47 ms against SDPA's 1.14 ms, whose per-call set-up dominates at this size; from ~16 rows on SDPA wins.
+    Scores and softmax in fp32, as SDPA's CPU kernel does."""
+    s = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * (q.shape[-1] ** -0.5)
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (p.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)
+
+
 class KVCache(nn.Module):
     """Preallocated [batch, kv_heads, max_seq_length + 1, head_dim] keys and values. Slots are written in
     place, so shapes never change and a compiled step never recompiles as the sequence grows.
@@ -239,7 +255,10 @@ class Attention(nn.Module):
             # rows of that head (head h = j*rep + r uses kv head j, as repeat_interleave would).
             q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
             mask = mask.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(mask.shape[0], 1, rep * T, -1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if q.device.type == "cpu" and q.shape[-2] <= FEW_ROWS and torch.compiler.is_compiling():
+            y = few_rows_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.view(B, self.n_head, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
 

@@ -55,6 +55,7 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: Optional[int] = None
 # < L) and to its own ancestors (itself included). Nodes are numbered parents-first, siblings in the
 # order the drafter proposed them (for sampling: the order they were drawn from q).
 
+import contextlib  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 import time  # noqa: E402
 
@@ -429,42 +430,54 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
     Lh = T
     rounds, accepted, hist = 0, 0, [0] * (drafter.max_depth + 1)
     speculating = True
-    while not finished:
-        tree = None
-        if speculating and Lh + drafter.N <= S:
-            tree = drafter.propose(root, L, temperature, Lh)
-        else:
-            speculating = drafter.method == "lookup" and Lh + drafter.N <= S
-        if tree is None:
-            # no proposal (lookup miss) or the tree no longer fits before the cache end: one plain step
-            lg, _ = plain(target, root, L, target.causal_rows(Lh, Lh + 1))
-            root = sample(lg, temperature, top_k, top_p)
-            ids, n = [int(root)], 1
-            hist[0] += 1
-            if drafter.method != "lookup":
-                speculating = False      # the draft's cache is not kept up to date any more
-        else:
-            lg, feats = verify(target, tree, L, forward, Lh)
-            if temperature > 0:
-                path, n_acc, bonus = accept_sample(tree, lg, temperature, top_k, top_p)
+    # After the first verified round every compiled step has run with this target, drafter and temperature:
+    # from then on their guards are skipped (see generate.skip_guards).
+    steady, skipping = contextlib.ExitStack(), False
+    compiled = forward is not target_tree_forward
+    with steady:
+        while not finished:
+            tree = None
+            if speculating and Lh + drafter.N <= S:
+                tree = drafter.propose(root, L, temperature, Lh)
             else:
-                path, n_acc, bonus = accept_greedy(tree, lg)
-            compact_kv(target_caches(target), L, path)
-            host = torch.cat([n_acc.view(1), tree.tokens[path], bonus.view(1)]).tolist()   # the one sync
-            n = host[0]
-            ids = host[2:1 + n] + [host[-1]]
-            hist[n - 1] += 1
-            drafter.update(tree, path, n, bonus, feats, L, Lh)
-            root = bonus
-        rounds += 1
-        accepted += n
-        Lh += n
-        L = L + n
-        finished = emit(ids)
-        if drafter.method == "lookup":
-            drafter.context.extend(ids)
-        if Lh >= S:
-            finished = True
+                speculating = drafter.method == "lookup" and Lh + drafter.N <= S
+            if tree is None:
+                # no proposal (lookup miss) or the tree no longer fits before the cache end: one plain step
+                with contextlib.ExitStack() as guarded:
+                    if skipping:     # first used late (cache end, lookup miss): check its guards
+                        guarded.enter_context(torch.compiler.set_stance("default"))
+                    lg, _ = plain(target, root, L, target.causal_rows(Lh, Lh + 1))
+                root = sample(lg, temperature, top_k, top_p)
+                ids, n = [int(root)], 1
+                hist[0] += 1
+                if drafter.method != "lookup":
+                    speculating = False      # the draft's cache is not kept up to date any more
+            else:
+                lg, feats = verify(target, tree, L, forward, Lh)
+                if temperature > 0:
+                    path, n_acc, bonus = accept_sample(tree, lg, temperature, top_k, top_p)
+                else:
+                    path, n_acc, bonus = accept_greedy(tree, lg)
+                compact_kv(target_caches(target), L, path)
+                host = torch.cat([n_acc.view(1), tree.tokens[path], bonus.view(1)]).tolist()   # the one sync
+                n = host[0]
+                ids = host[2:1 + n] + [host[-1]]
+                hist[n - 1] += 1
+                drafter.update(tree, path, n, bonus, feats, L, Lh)
+                root = bonus
+                if compiled and not skipping:
+                    from generate import skip_guards
+                    steady.enter_context(skip_guards())
+                    skipping = True
+            rounds += 1
+            accepted += n
+            Lh += n
+            L = L + n
+            finished = emit(ids)
+            if drafter.method == "lookup":
+                drafter.context.extend(ids)
+            if Lh >= S:
+                finished = True
     t_end = time.perf_counter()
     decode_s = t_end - t_first
     stats = {"rounds": rounds, "mean_accepted": accepted / rounds if rounds else 0.0, "accept_hist": hist,

@@ -125,9 +125,24 @@ def test_compiled_decode_matches_eager_without_recompiles(tiny_ckpt):
         counters.clear()
         again, _ = generate.generate(m, prompt, 200)
         assert counters["stats"]["unique_graphs"] == 0 and not counters["recompiles"]
+        # A second model through the same compiled step: decode loops skip Dynamo's guards after their
+        # first step (generate.skip_guards), and with weights frozen into each graph a wrong entry would
+        # silently decode the other model. The guards that tell the two entries apart must still run.
+        other = load_model(tiny_ckpt[0], "cpu", torch.float32)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.mul_(-1.5)
+        other.setup_caches(1, 256)
+        generate.use_eager()
+        other_eager, _ = generate.generate(other, prompt, 60)
+        assert other_eager[0][:60] != eager[0][:60]
+        generate.compile_decode(model=other)
+        other_compiled, _ = generate.generate(other, prompt, 60)
+        back, _ = generate.generate(m, prompt, 60)
     finally:
         generate.use_eager()
     assert warm == eager and again == eager
+    assert other_compiled == other_eager and back[0] == eager[0][:60]
 
 
 # ---------------------------------------------------------------------------------------------------
