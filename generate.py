@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -162,6 +163,9 @@ def cpu_inductor_settings() -> None:
     verify and draft steps compiled later in the same process get it too."""
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
+    # the GEMM autotuner's own use of a deprecated storage API, once per compile: not the user's concern
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
+                            module=r"torch\._inductor")
 
 
 def compile_prefill():

@@ -148,7 +148,8 @@ def verify(target, tree: Tree, L: Tensor, forward=target_tree_forward, Lh: Optio
 def accept_greedy(tree: Tree, logits: Tensor):
     """Longest root path whose every token is the target's argmax after its parent, plus a bonus token.
     Returns (path [max_depth+1] node ids, n_accepted (root included) 0-dim, bonus token 0-dim)."""
-    tgt = torch.argmax(logits, dim=-1)
+    # fp32 copy: exact, and eager bf16 argmax over [12, 49152] took 1.1 ms on this CPU against 0.2 ms
+    tgt = torch.argmax(logits.float(), dim=-1)
     root = torch.arange(tree.tokens.shape[0], device=logits.device) == 0
     correct = root | (tree.valid & (tree.tokens == tgt[tree.parent]))
     ok = correct
