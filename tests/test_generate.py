@@ -262,3 +262,21 @@ def test_gemm_template_choice():
     assert not generate.gemm_template_pays(m.to(torch.bfloat16))
     assert generate.gemm_template_pays(quantize.swap_linears(m, {"mode": "int8"}))
     assert not generate.gemm_template_pays(None)
+
+
+def test_few_rows_attention_matches_sdpa():
+    """The compiled CPU decode path's attention (model.few_rows_attention) against SDPA: batch 2, masked
+    slots (a tree-like mask, not only a causal prefix), fp32 tight and bf16 at bf16's resolution."""
+    import torch.nn.functional as F
+    import model as M
+    g = torch.Generator().manual_seed(0)
+    B, H, R, W, D = 2, 3, 4, 70, 16
+    mask = torch.rand(B, 1, R, W, generator=g) < 0.6
+    mask[..., 0] = True                        # every row sees at least one slot
+    fused = torch.compile(M.few_rows_attention, fullgraph=True, dynamic=False)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype) for n in (R, W, W))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        out = fused(q, k, v, mask)
+        assert out.dtype == dtype
+        assert (out.float() - ref).abs().max().item() < tol
