@@ -280,3 +280,31 @@ def test_few_rows_attention_matches_sdpa():
         out = fused(q, k, v, mask)
         assert out.dtype == dtype
         assert (out.float() - ref).abs().max().item() < tol
+
+
+def test_skipped_guards_pick_the_entry_of_each_temperature(tiny_ckpt, monkeypatch):
+    """One compiled decode step holding an entry per sampling setting (temperature, top_k are Python values
+    the graph specializes on): with guards skipped after each loop's first step (generate.skip_guards),
+    every generation must still run its own entry, i.e. equal a run with every guard checked."""
+    import contextlib
+    m = load_model(tiny_ckpt[0], "cpu", torch.float32)
+    m.setup_caches(1, 256)
+    prompt = torch.tensor(PROMPT)
+    settings = ((0.0, None), (1.0, 20), (0.0, None), (0.7, None), (1.0, 20))
+
+    def runs():
+        out = []
+        for temperature, top_k in settings:
+            torch.manual_seed(7)
+            out.append(generate.generate(m, prompt, 80, temperature=temperature, top_k=top_k)[0])
+        return out
+    try:
+        torch._dynamo.reset()
+        generate.compile_decode(model=m)
+        skipped = runs()
+        monkeypatch.setattr(generate, "skip_guards", contextlib.nullcontext)
+        checked = runs()
+    finally:
+        generate.use_eager()
+    assert skipped == checked
+    assert skipped[0] != skipped[1] and skipped[3] != skipped[4]   # the settings do lead to different text
