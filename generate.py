@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tree-depth", type=int, default=None, help="draft tokens per branch")
     s.add_argument("--tree-topk", type=int, default=None, help="children per draft node")
     s.add_argument("--tree-tokens", default=None, help="draft tokens verified per step: N or auto (measured)")
-    s.add_argument("--draft-vocab", type=int, default=None, help="shrink the EAGLE draft vocabulary to N")
+    s.add_argument("--draft-vocab", type=int, default=None,
+                   help="shrink the EAGLE draft vocabulary to its N most frequent tokens (CPU default: 4096)")
     s.add_argument("--compare-ar", action="store_true",
                    help="also run plain decoding on the same prompt; report speedup and token agreement")
     return p

@@ -397,3 +397,17 @@ def test_measure_verify_cost_compiled_past_recompile_limit(target):
     with torch._dynamo.config.patch(recompile_limit=1):
         cost = SP.measure_verify_cost(t, (1, 2), reps=1, forward=fwd)
     assert sorted(cost) == [1, 2] and all(c > 0 for c in cost.values())
+
+
+def test_cpu_default_draft_vocab(target, tmp_path, monkeypatch):
+    """On CPU an EAGLE draft's vocabulary is cut to its CPU_DRAFT_VOCAB most frequent tokens unless
+    --draft-vocab says otherwise; a smaller one is kept whole."""
+    d2t = torch.randperm(target.args.vocab_size, generator=torch.Generator().manual_seed(1))[:64]
+    path = tmp_path / "d.pth"
+    E.save_draft(E.EagleDraft(target.args, draft_vocab=d2t), path, target.args)
+    monkeypatch.setattr(SP, "CPU_DRAFT_VOCAB", 32)
+    d = SP.build_drafter("eagle", target, draft_path=path)
+    assert torch.equal(d.draft.d2t, d2t[:32]) and d.draft.head_weight.shape[0] == 32
+    assert SP.build_drafter("eagle", target, draft_path=path, draft_vocab=48).draft.d2t.numel() == 48
+    monkeypatch.setattr(SP, "CPU_DRAFT_VOCAB", 100)
+    assert torch.equal(SP.build_drafter("eagle", target, draft_path=path).draft.d2t, d2t)
