@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 import model as M
@@ -53,7 +54,9 @@ class EagleDraft(nn.Module):
         # bound later (bind_target); kept out of _modules so they are not saved, copied or moved with the draft
         object.__setattr__(self, "embed", None)
         object.__setattr__(self, "lm_head", None)
-        object.__setattr__(self, "head_weight", None)
+        # the draft-vocabulary rows of the head (bind_target): a buffer, so that a compiled draft step
+        # treats it as a constant and prepacks it like any weight, but never saved
+        self.register_buffer("head_weight", None, persistent=False)
 
     @property
     def vocab_size(self) -> int:
@@ -75,7 +78,7 @@ class EagleDraft(nn.Module):
             # dtype (a bf16 draft beside an fp32 target reads half the bytes; the target still verifies)
             head = w.detach()[self.d2t.to(w.device)] if self.d2t is not None else w.detach()
             head = head.to(self.dtype).contiguous()
-        object.__setattr__(self, "head_weight", head)
+        self.head_weight = head
         return self
 
     # ---- caches -------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ class EagleDraft(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Draft logits over the draft vocabulary [..., Vd] (Vd = N with d2t, else the target vocab)."""
         if self.head_weight is not None:
-            return hidden.to(self.head_weight.dtype) @ self.head_weight.t()
+            return F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
         out = self.lm_head(hidden)
         return out if self.d2t is None else out[..., self.d2t]
 
@@ -270,6 +273,12 @@ class EagleDrafter:
     written to slots L.. as the tree grows (depth-s frontier node at RoPE position L-1+s); after a round
     the accepted tokens are re-run through the draft with the target's *true* features (EAGLE does the
     same: the tree's K/V were computed from the draft's own predicted features, which are worse inputs).
+
+    A round of the speculative loop is propose → verify → update. `update` does the catch-up *and* already
+    proposes the next round's tree (its root is the bonus token, at L + n_accepted, which is exactly what
+    the loop asks for next), in one function: compiled, that is one graph per round for the draft, whose
+    dozens of small ops (top-k, masks, the tree's bookkeeping) would otherwise each cost an eager dispatch.
+    Only the first round after prefill proposes on its own.
     """
 
     method = "eagle"
@@ -282,18 +291,24 @@ class EagleDrafter:
         self.plan = TreePlan(tree, depth, 1 if tree == "chain" else topk, tokens)
         self.N = self.plan.N
         self.max_depth = self.plan.depth
-        self.step = draft.forward
+        self.round_step = self.catch_up_and_propose
         if compile:
             from generate import compile_step
-            self.step = compile_step(draft.forward, draft, draft.fc.weight.device)
+            self.round_step = compile_step(self.catch_up_and_propose, draft, draft.fc.weight.device)
         self.h_root = None
+        self.next_tree = None
+        self.temperature = 0.0
 
     def setup(self, max_seq_length: int, dtype, device) -> None:
-        p = self.plan
-        extra = max(self.max_depth + 1, (p.depth - 1) * p.F) + 1
+        extra = max(self.max_depth + 1, self.tree_slots) + 1
         need = max_seq_length + extra
         if self.draft.max_seq_length < need:
             self.draft.setup_caches(need, dtype=self.draft.dtype, device=device)
+
+    @property
+    def tree_slots(self) -> int:
+        """Draft cache slots a proposal writes past L (the frontier nodes of depths 1..depth-1)."""
+        return max((self.plan.depth - 1) * self.plan.F, 1)
 
     def caches(self):
         return [self.draft.layer.attention.kv_cache]
@@ -301,8 +316,54 @@ class EagleDrafter:
     def prefill(self, prompt: Tensor, features: Tensor, first: Tensor) -> None:
         T = prompt.shape[0]
         toks = torch.cat([prompt[1:], first.view(1)])
-        hid = self.draft(features[None], toks[None], torch.arange(T, device=prompt.device))[0]
+        d = self.draft
+        mask = M.narrow_mask(d.causal_mask[:T][None, None], M.visible_width(T, d.max_seq_length, prompt.device))
+        hid = d(features[None], toks[None], torch.arange(T, device=prompt.device), mask)[0]
         self.h_root = hid[-1]
+        self.next_tree = None
+
+    def _cols(self, end: int) -> Tensor:
+        from speculative import width_cols
+        dev = self.draft.fc.weight.device
+        return width_cols(M.visible_width(end, self.draft.max_seq_length, dev), dev)
+
+    def propose(self, root: Tensor, L: Tensor, temperature: float = 0.0, Lh: Optional[int] = None):
+        """The round's tree, root at slot L (Lh: L on the host, when known, bounds the slots attended).
+        After the first round it is the one `update` already built for this root and slot."""
+        if self.next_tree is not None and temperature == self.temperature:
+            tree, self.next_tree = self.next_tree, None
+            return tree
+        self.temperature = temperature
+        end = self.draft.max_seq_length if Lh is None else Lh + self.tree_slots
+        return self.tree_from(self.h_root, root, L, self._cols(end), temperature)
+
+    def update(self, tree, path: Tensor, n_acc: Tensor, bonus: Tensor, features: Tensor, L: Tensor,
+               Lh: Optional[int] = None, n: Optional[int] = None) -> None:
+        """After a round that accepted n_acc tokens (0-dim tensor, root included; n: the same on the host):
+        feed their true target features back, then propose the next round's tree."""
+        J = path.shape[0]
+        if Lh is None:
+            end = self.draft.max_seq_length
+        else:
+            n = int(n_acc) if n is None else n
+            end = max(Lh + J, Lh + n + self.tree_slots)
+        self.h_root, self.next_tree = self.round_step(tree.tokens, path, n_acc, bonus, features, L,
+                                                      self._cols(end), self.temperature)
+
+    def catch_up_and_propose(self, tokens: Tensor, path: Tensor, n_acc: Tensor, bonus: Tensor,
+                             features: Tensor, L: Tensor, cols: Tensor, temperature: float):
+        """(h_root, next tree): the draft's catch-up on the accepted path, then the next round's proposal
+        from there. cols = arange(W): the draft slots its attention covers. Static shapes: one graph."""
+        J = path.shape[0]
+        dev = tokens.device
+        # slots L..L+J-1 get (f_{L+j}, x_{L+j+1}); always J rows (past n_acc they are overwritten later)
+        nxt = torch.cat([tokens[path[1:]], bonus.view(1)])
+        nxt = torch.where(torch.arange(J, device=dev) == n_acc - 1, bonus, nxt)
+        slots = L + torch.arange(J, device=dev)
+        mask = (cols[None, :] <= slots[:, None])[None, None]
+        hid = self.draft(features[path][None], nxt[None], slots, mask)[0]
+        h_root = hid.index_select(0, (n_acc - 1).view(1))[0]
+        return h_root, self.tree_from(h_root, bonus, L + n_acc, cols, temperature)
 
     def _children(self, logq: Tensor, sampling: bool):
         """K children per row of logq [R, Vd] → (ids [R, K], slot scores [R, K]).
@@ -317,27 +378,25 @@ class EagleDrafter:
         gumbel = -torch.empty_like(logq).exponential_().log()
         return torch.topk(logq + gumbel, self.plan.K, dim=-1).indices, top.values
 
-    def propose(self, root: Tensor, L: Tensor, temperature: float = 0.0, Lh: Optional[int] = None):
-        """The round's tree: root at slot L (Lh: L on the host, when known, bounds the slots attended)."""
+    def tree_from(self, h_root: Tensor, root: Tensor, L: Tensor, cols: Tensor, temperature: float = 0.0):
+        """The tree grown from `root` at slot L, whose children h_root (the draft's output at slot L-1)
+        scores. cols = arange(W): the draft slots attended (W >= L + tree_slots)."""
         from speculative import make_tree
         d, p = self.draft, self.plan
         K, F = p.K, p.F
         dev = root.device
         sampling = temperature > 0
         scale = 1.0 / temperature if sampling else 1.0
-        n_slots = max((p.depth - 1) * F, 1)
-        Sd = d.max_seq_length if Lh is None else M.visible_width(Lh + n_slots, d.max_seq_length, dev)
-        cols = torch.arange(Sd, device=dev)
-        prefix = (cols[None, :] < L).expand(F, Sd)
-        tree_cols = L + torch.arange(n_slots, device=dev)
+        n_slots = self.tree_slots
+        from speculative import prefix_and_tree_mask
 
-        logq = torch.log_softmax(d.logits(self.h_root[None]).float() * scale, dim=-1)      # [1, Vd]
+        logq = torch.log_softmax(d.logits(h_root[None]).float() * scale, dim=-1)      # [1, Vd]
         ids, sc = self._children(logq, sampling)
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         toks, parents, scores = [zero, ids[0]], [zero, zero.expand(K)], [zero.float(), sc[0]]
         qs = [logq.exp()] if sampling else []
         q_of = [zero]                                          # candidate index of each q row
-        prev_hidden, prev_parent = self.h_root[None], zero.expand(K)
+        prev_hidden, prev_parent = h_root[None], zero.expand(K)
         prev_anc = torch.zeros(1, n_slots, dtype=torch.bool, device=dev)
         base, n_new = 1, K
         for s in range(1, p.depth):
@@ -350,9 +409,9 @@ class EagleDrafter:
             f_par = prev_parent[sel]
             own = (s - 1) * F + torch.arange(F, device=dev)
             anc = prev_anc[f_par] | (torch.arange(n_slots, device=dev)[None, :] == own[:, None])
-            mask = M.narrow_mask(prefix.index_copy(1, tree_cols, anc)[None, None], Sd)
+            mask = prefix_and_tree_mask(L, cols, anc)[None, None]
             pos = (L - 1 + s).expand(F)
-            hid = self.step(prev_hidden[f_par][None], d.to_target(f_tok)[None], L + own, mask, pos)[0]
+            hid = d(prev_hidden[f_par][None], d.to_target(f_tok)[None], L + own, mask, pos)[0]
             logq = torch.log_softmax(d.logits(hid).float() * scale, dim=-1)                  # [F, Vd]
             ids, sc = self._children(logq, sampling)
             toks.append(ids.flatten())
@@ -380,34 +439,21 @@ class EagleDrafter:
             keep = o[:p.N - 1] + 1
         keep = torch.sort(keep).values
         inv = torch.zeros(tok.shape[0], dtype=torch.long, device=dev)
-        inv[keep] = torch.arange(1, p.N, device=dev)
+        inv = inv.index_copy(0, keep, torch.arange(1, p.N, device=dev))
         tokens = torch.cat([root.view(1), d.to_target(tok[keep])])
         parent = torch.cat([zero, inv[par[keep]]])
         valid = torch.ones(p.N, dtype=torch.bool, device=dev)
         q = qrow = None
         if sampling:
             q = d.to_target_probs(torch.cat(qs))
-            cand_qrow = torch.full((tok.shape[0],), -1, dtype=torch.long, device=dev)
+            # the q row each candidate's children were drawn from: padded static frontiers repeat a node,
+            # and its children are the first row's (TreePlan numbers the first occurrence)
             q_idx = torch.cat(q_of)
-            # padded static frontiers repeat a node: scatter its first row last so it wins
-            order = torch.arange(q_idx.shape[0] - 1, -1, -1, device=dev)
-            cand_qrow = cand_qrow.index_put((q_idx[order],), order)
+            hit = q_idx[None, :] == torch.arange(tok.shape[0], device=dev)[:, None]
+            first = torch.where(hit, torch.arange(q_idx.shape[0], device=dev), q_idx.shape[0]).amin(1)
+            cand_qrow = torch.where(hit.any(1), first, -1)
             qrow = torch.cat([zero, cand_qrow[keep]])
         return make_tree(tokens, parent, valid, p.depth, K, q, qrow)
-
-    def update(self, tree, path: Tensor, n_acc: int, bonus: Tensor, features: Tensor, L: Tensor,
-               Lh: Optional[int] = None) -> None:
-        """Feed the accepted tokens' true target features back: slots L..L+n_acc-1 get
-        (f_{L+j}, x_{L+j+1}); always max_depth+1 rows so the draft step keeps one shape."""
-        J = path.shape[0]
-        nxt = torch.cat([tree.tokens[path[1:]], bonus.view(1)])
-        nxt = torch.where(torch.arange(J, device=nxt.device) == n_acc - 1, bonus, nxt)
-        slots = L + torch.arange(J, device=nxt.device)
-        d = self.draft
-        width = d.max_seq_length if Lh is None else M.visible_width(Lh + J, d.max_seq_length, nxt.device)
-        mask = M.narrow_mask(d.causal_mask[slots][None, None], width)
-        hid = self.step(features[path][None], nxt[None], slots, mask)[0]
-        self.h_root = hid[n_acc - 1]
 
 # --- training ---
 # (losses and data format: owned by scripts/train_eagle.py's engineer; appended below this line)
@@ -425,7 +471,6 @@ class EagleDrafter:
 # frozen head, the token x_{t+2}. At decode time the draft only ever starts from a token the target has
 # already produced inside the answer, so position t is trained iff x_{t+1} is an assistant token.
 
-import torch.nn.functional as F  # noqa: E402  (only the losses need it)
 
 SHARD_KEYS = ("tokens", "hidden", "loss_mask", "offsets")
 

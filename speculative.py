@@ -91,8 +91,10 @@ def make_tree(tokens: Tensor, parent: Tensor, valid: Tensor, max_depth: int, max
         anc = eye | (anc[parent] & (valid & (ar > 0))[:, None])
     depth = anc.sum(1) - 1
     # paths[i, d] = the ancestor of i at depth d (the root for d > depth[i], harmless padding)
+    # (a sum over the one match, not an argmax: compiled, a tied argmax over a row of zeros returned an
+    # index past the row's end now and then)
     at_depth = anc[:, None, :] & (depth[None, None, :] == torch.arange(max_depth + 1, device=dev)[None, :, None])
-    paths = torch.argmax(at_depth.to(torch.uint8), dim=-1)
+    paths = (at_depth.long() * ar).sum(-1)
     # children[p, r] = r-th child of p in proposal order
     sib = (parent[:, None] == parent[None, :]) & (ar[None, :] < ar[:, None]) & valid[None, :] & (ar[None, :] > 0)
     rank = sib.sum(1)
@@ -120,16 +122,26 @@ def chain_tree(tokens: Tensor, valid: Tensor, q: Optional[Tensor] = None) -> Tre
 def tree_attention_mask(tree: Tree, L: Tensor, width: int) -> Tensor:
     """[1, 1, N, width] bool over cache slots 0..width-1 (width >= L + N): prefix slots < L, then the
     tree's ancestor mask at slots L.. ."""
-    N = tree.tokens.shape[0]
-    dev = tree.tokens.device
-    cols = torch.arange(width, device=dev)
-    mask = (cols[None, :] < L).expand(N, width).contiguous()
-    mask = mask.index_copy(1, L + torch.arange(N, device=dev), tree.mask)
-    return M.narrow_mask(mask[None, None], width)
+    cols = torch.arange(width, device=tree.tokens.device)
+    return M.narrow_mask(_tree_mask(tree, L, cols)[None, None], width)
+
+
+def _tree_mask(tree: Tree, L: Tensor, cols: Tensor) -> Tensor:
+    return prefix_and_tree_mask(L, cols, tree.mask)
+
+
+def prefix_and_tree_mask(L: Tensor, cols: Tensor, anc: Tensor) -> Tensor:
+    """[R, W] bool over cache slots cols (= 0..W-1): every slot < L, and slots L..L+n-1 as anc [R, n] says.
+    A gather rather than an index_copy into an expanded prefix, which Inductor wrote through the
+    expansion's shared storage (every row got every row's tree columns)."""
+    n = anc.shape[1]
+    rel = cols - L
+    in_tree = (rel >= 0) & (rel < n)
+    return (rel < 0)[None, :] | (in_tree[None, :] & anc.index_select(1, rel.clamp(0, n - 1)))
 
 
 def target_tree_forward(target, tokens: Tensor, input_pos: Tensor, mask: Tensor, pos: Tensor):
-    """The target's verify step (compiled once per tree budget when compile=True)."""
+    """The target's forward over a tree (what --measure-verify times; compiled once per tree budget)."""
     logits, hidden = target(tokens[None], input_pos, mask, pos, return_hidden=True)
     return logits[0], hidden[0]
 
@@ -145,6 +157,38 @@ def verify(target, tree: Tree, L: Tensor, forward=target_tree_forward, Lh: Optio
     return forward(target, tree.tokens, input_pos, mask, L + tree.depth)
 
 
+def verify_and_accept(target, tree: Tree, L: Tensor, cols: Tensor, temperature: float = 0.0,
+                      top_k: Optional[int] = None, top_p: Optional[float] = None):
+    """A whole verification, as one compiled graph: the target's forward over the tree (slots L..L+N-1,
+    attending to slots 0..W-1, W = cols.shape[0], cols = arange(W)), acceptance (greedy, or lossless
+    rejection sampling when temperature > 0), and the move of the accepted path's K/V rows into place.
+
+    Returns (path [max_depth+1], n_accepted 0-dim (root included), bonus 0-dim, features [N, D],
+    summary): summary = [n_accepted, tokens along the path..., bonus], what the host reads (the round's
+    one sync). Doing all of this in one graph matters on a CPU: as separate eager ops, acceptance and
+    compaction cost about as much as the draft's whole proposal."""
+    N = tree.tokens.shape[0]
+    slots = L + torch.arange(N, device=cols.device)
+    mask = _tree_mask(tree, L, cols)[None, None]
+    logits, feats = target(tree.tokens[None], slots, mask, L + tree.depth, return_hidden=True)
+    logits, feats = logits[0], feats[0]
+    if temperature > 0:
+        path, n_acc, bonus = accept_sample(tree, logits, temperature, top_k, top_p)
+    else:
+        path, n_acc, bonus = accept_greedy(tree, logits)
+    compact_kv(target_caches(target), L, path)
+    summary = torch.cat([n_acc.view(1), tree.tokens[path], bonus.view(1)])
+    return path, n_acc, bonus, feats, summary
+
+
+def width_cols(width: int, device) -> Tensor:
+    """arange(width) with its length marked dynamic: how a compiled step learns how many cache slots to
+    attend to (model.visible_width) without recompiling for every width."""
+    cols = torch.arange(width, device=device)
+    torch._dynamo.maybe_mark_dynamic(cols, 0)
+    return cols
+
+
 def accept_greedy(tree: Tree, logits: Tensor):
     """Longest root path whose every token is the target's argmax after its parent, plus a bonus token.
     Returns (path [max_depth+1] node ids, n_accepted (root included) 0-dim, bonus token 0-dim)."""
@@ -155,8 +199,10 @@ def accept_greedy(tree: Tree, logits: Tensor):
     ok = correct
     for _ in range(tree.max_depth):
         ok = correct & ok[tree.parent]
-    best = torch.argmax(torch.where(ok, tree.depth, -1))
-    return tree.paths[best], tree.depth[best] + 1, tgt[best]
+    best = torch.argmax(torch.where(ok, tree.depth, -1)).view(1)
+    # index_select, not [best]: indexing with a 0-dim tensor reads its value on the host (a sync, and a
+    # graph break when compiled)
+    return tree.paths.index_select(0, best)[0], tree.depth.index_select(0, best)[0] + 1, tgt.index_select(0, best)[0]
 
 
 def accept_sample(tree: Tree, logits: Tensor, temperature: float, top_k: Optional[int] = None,
@@ -304,9 +350,11 @@ class DraftModelDrafter:
                 q = torch.nn.functional.pad(q, (0, V - q.shape[-1]))
         return chain_tree(tokens, torch.ones_like(tokens, dtype=torch.bool), q)
 
-    def update(self, tree, path, n_acc: int, bonus: Tensor, features, L, Lh: Optional[int] = None) -> None:
-        # the draft saw root, d1..d_{k-1} at Ld_round.. ; d_j is right for j < n_acc
-        a = n_acc - 1
+    def update(self, tree, path, n_acc: Tensor, bonus: Tensor, features, L, Lh: Optional[int] = None,
+               n: Optional[int] = None) -> None:
+        """After a round: n_acc (0-dim tensor; n, the same on the host) tokens were accepted, root included."""
+        # the draft saw root, d1..d_{k-1} at Ld_round.. ; d_j is right for j < n
+        a = (int(n_acc) if n is None else n) - 1
         self.Ld = L + 1 + min(a, self.k - 1)
         self.pending = ([tree.tokens[self.k].view(())] if a == self.k else []) + [bonus.view(())]
 
@@ -359,7 +407,7 @@ class LookupDrafter:
             q = q * torch.roll(valid, -1)[:, None]
         return chain_tree(toks, valid, q)
 
-    def update(self, tree, path, n_acc, bonus, features, L, Lh: Optional[int] = None) -> None:
+    def update(self, tree, path, n_acc, bonus, features, L, Lh: Optional[int] = None, n=None) -> None:
         pass        # speculative_generate appends the accepted tokens to self.context
 
 
@@ -401,7 +449,7 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
     dtype = target.layers[0].attention.kv_cache.k_cache.dtype
     drafter.target_vocab = target.args.vocab_size
     drafter.setup(S, dtype, dev)
-    forward = getattr(drafter, "verify_forward", target_tree_forward)
+    step = getattr(drafter, "verify_step", verify_and_accept)
     plain = getattr(drafter, "plain_forward", _plain_step)
     stop = set(int(s) for s in stop_ids)
     out: list = []
@@ -419,8 +467,9 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
         return len(out) >= limit or (bool(take) and take[-1] in stop)
 
     t0 = time.perf_counter()
-    logits, hidden = target(prompt[None], torch.arange(T, device=dev), return_hidden=True)
-    root = sample(logits[0, -1], temperature, top_k, top_p)
+    # prefill: only the last position needs logits (a [T, 49152] head would dominate a short prompt)
+    hidden = target.hidden(prompt[None], torch.arange(T, device=dev), target.causal_rows(0, T))
+    root = sample(target.output(hidden[0, -1]), temperature, top_k, top_p)
     drafter.prefill(prompt, hidden[0], root)
     finished = emit([int(root)])
     if drafter.method == "lookup":
@@ -434,7 +483,7 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
     # After the first verified round every compiled step has run with this target, drafter and temperature:
     # from then on their guards are skipped (see generate.skip_guards).
     steady, skipping = contextlib.ExitStack(), False
-    compiled = forward is not target_tree_forward
+    compiled = step is not verify_and_accept
     with steady:
         while not finished:
             tree = None
@@ -454,17 +503,13 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
                 if drafter.method != "lookup":
                     speculating = False      # the draft's cache is not kept up to date any more
             else:
-                lg, feats = verify(target, tree, L, forward, Lh)
-                if temperature > 0:
-                    path, n_acc, bonus = accept_sample(tree, lg, temperature, top_k, top_p)
-                else:
-                    path, n_acc, bonus = accept_greedy(tree, lg)
-                compact_kv(target_caches(target), L, path)
-                host = torch.cat([n_acc.view(1), tree.tokens[path], bonus.view(1)]).tolist()   # the one sync
+                cols = width_cols(M.visible_width(Lh + drafter.N, S, dev), dev)
+                path, n_acc, bonus, feats, summary = step(target, tree, L, cols, temperature, top_k, top_p)
+                host = summary.tolist()                                       # the round's one sync
                 n = host[0]
                 ids = host[2:1 + n] + [host[-1]]
                 hist[n - 1] += 1
-                drafter.update(tree, path, n, bonus, feats, L, Lh)
+                drafter.update(tree, path, n_acc, bonus, feats, L, Lh, n)
                 root = bonus
                 if compiled and not skipping:
                     from generate import skip_guards
@@ -573,8 +618,10 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     from generate import compile_step
     device = device or target.tok_embeddings.weight.device
     dtype = dtype or target.tok_embeddings.weight.dtype
-    # one compiled verify step, shared by --tree-tokens auto's timing and decoding
-    verify_forward = compile_step(target_tree_forward, target, device) if compile else target_tree_forward
+    # --tree-tokens auto times the target's tree forward alone (one graph per budget); decoding runs
+    # verify_and_accept, which wraps that forward with acceptance and KV compaction in one graph
+    verify_forward = compile_step(target_tree_forward, target, device) \
+        if compile and tree_tokens == "auto" else target_tree_forward
     if method == "lookup":
         d = LookupDrafter(k=tree_depth or LOOKUP_K)
     elif method == "draft":
@@ -622,7 +669,7 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     else:
         raise UserError(f"unknown speculative method {method!r} (eagle, draft, lookup)")
     if compile:
-        d.verify_forward = verify_forward
+        d.verify_step = compile_step(verify_and_accept, target, device)
         d.plain_forward = compile_step(_plain_step, target, device)
     return d
 

@@ -345,8 +345,8 @@ def test_sampling_lossless_end_to_end(top_k=5, top_p=0.9):
 
 
 def test_compiled_generation_does_not_recompile(target, trained):
-    """compile=True: the verify step, the draft tree step and the draft catch-up step each compile once;
-    further generations (other prompts, lengths, sampling, attention widths up to the whole cache) add
+    """compile=True: the verify step (forward + acceptance + KV compaction) and the draft's round (catch-up
+    + next proposal) each compile once per sampling setting; further generations (other prompts, lengths, sampling, attention widths up to the whole cache) add
     no graphs and stay lossless."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -357,11 +357,13 @@ def test_compiled_generation_does_not_recompile(target, trained):
                                  for n in (60, 90)]
     refs = [greedy_reference(target, p, 24) for p in prompts]
     dr = E.EagleDrafter(d, "dynamic", 4, 3, 10, compile=True)
-    dr.verify_forward = torch.compile(SP.target_tree_forward, fullgraph=True, dynamic=False)
+    dr.verify_step = torch.compile(SP.verify_and_accept, fullgraph=True, dynamic=False)
     t.setup_caches(1, 128)
-    SP.speculative_generate(t, dr, torch.randint(0, 256, (5,)), 16)        # warm-up
+    SP.speculative_generate(t, dr, torch.randint(0, 256, (5,)), 16)        # warm-up, greedy
+    # sampling is part of both graphs (acceptance, the draft's draws): one more entry each per setting
+    SP.speculative_generate(t, dr, torch.randint(0, 256, (5,)), 16, temperature=1.0, top_k=20)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 3
+    assert graphs >= 4
     for p, ref in zip(prompts, refs):
         assert SP.speculative_generate(t, dr, p, 24)[0] == ref
     SP.speculative_generate(t, dr, prompts[0], 24, temperature=1.0, top_k=20)
