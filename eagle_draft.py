@@ -57,6 +57,7 @@ class EagleDraft(nn.Module):
         # the draft-vocabulary rows of the head (bind_target): a buffer, so that a compiled draft step
         # treats it as a constant and prepacks it like any weight, but never saved
         self.register_buffer("head_weight", None, persistent=False)
+        self.register_buffer("head_scales", None, persistent=False)     # set when the head rows are int8
 
     @property
     def vocab_size(self) -> int:
@@ -72,13 +73,31 @@ class EagleDraft(nn.Module):
         object.__setattr__(self, "embed", target.tok_embeddings)
         object.__setattr__(self, "lm_head", target.output)
         head = None
-        w = target.output.weight if isinstance(target.output, nn.Linear) else None
-        if w is not None and w.is_floating_point() and (self.d2t is not None or w.dtype != self.dtype):
-            # a copy of the N draft-vocabulary rows (N × d), so a draft step reads only these, in the draft's
-            # dtype (a bf16 draft beside an fp32 target reads half the bytes; the target still verifies)
-            head = w.detach()[self.d2t.to(w.device)] if self.d2t is not None else w.detach()
-            head = head.to(self.dtype).contiguous()
-        self.head_weight = head
+        out = target.output
+        w = out.weight if isinstance(out, nn.Linear) else None
+        if w is not None and w.is_floating_point():
+            if self.d2t is not None or w.dtype != self.dtype:
+                # a copy of the N draft-vocabulary rows (N × d), so a draft step reads only these, in the
+                # draft's dtype (a bf16 draft beside an fp32 target reads half the bytes; the target verifies)
+                head = w.detach()[self.d2t.to(w.device)] if self.d2t is not None else w.detach()
+        elif self.d2t is not None:
+            # a quantized head (int8/int4 target): materialise its draft-vocabulary rows once, through the
+            # head itself (identity in, weight out), instead of running the whole quantized head and
+            # slicing at every draft step
+            with torch.no_grad():
+                eye = torch.eye(self.args.dim, dtype=self.dtype, device=self.d2t.device)
+                head = out(eye).t()[self.d2t]
+        self.head_weight = None if head is None else head.to(self.dtype).contiguous()
+        self.head_scales = None
+        return self
+
+    def quantize_head_int8(self) -> "EagleDraft":
+        """Store the draft-vocabulary head rows as int8 (per-row scales): half the bytes a draft step reads.
+        Only proposals change; the target still verifies every token."""
+        from quantize import quantize_int8
+        if self.head_weight is not None and self.head_weight.is_floating_point():
+            q, scales = quantize_int8(self.head_weight)
+            self.head_weight, self.head_scales = q, scales.to(self.dtype)
         return self
 
     # ---- caches -------------------------------------------------------------------------------
@@ -138,6 +157,13 @@ class EagleDraft(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Draft logits over the draft vocabulary [..., Vd] (Vd = N with d2t, else the target vocab)."""
+        if self.head_scales is not None:
+            h = hidden.reshape(-1, hidden.shape[-1]).to(self.head_scales.dtype).contiguous()
+            if h.device.type == "cpu":
+                out = torch.ops.aten._weight_int8pack_mm(h, self.head_weight, self.head_scales)
+            else:
+                out = F.linear(h, self.head_weight.to(h.dtype)) * self.head_scales
+            return out.reshape(*hidden.shape[:-1], -1)
         if self.head_weight is not None:
             return F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
         out = self.lm_head(hidden)

@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tree-tokens", default=None, help="draft tokens verified per step: N or auto (measured)")
     s.add_argument("--draft-vocab", type=int, default=None,
                    help="shrink the EAGLE draft vocabulary to its N most frequent tokens (CPU default: 4096)")
+    s.add_argument("--draft-quant", default=None, choices=["none", "int8"],
+                   help="quantize the EAGLE draft's weights in memory (its proposals only; output unchanged)")
     s.add_argument("--compare-ar", action="store_true",
                    help="also run plain decoding on the same prompt; report speedup and token agreement")
     return p
@@ -425,7 +427,7 @@ def speculative_generator(a, model, device: str, dtype) -> Callable:
         a.spec_method, model, draft_path=a.draft, draft_checkpoint=a.draft_checkpoint, tree=a.tree,
         tree_depth=a.tree_depth, tree_topk=a.tree_topk,
         tree_tokens=a.tree_tokens if a.tree_tokens in (None, "auto") else int(a.tree_tokens),
-        draft_vocab=a.draft_vocab, device=device, dtype=dtype, compile=a.compile)
+        draft_vocab=a.draft_vocab, draft_quant=a.draft_quant, device=device, dtype=dtype, compile=a.compile)
 
     def run(model, prompt, max_new_tokens, *, callback=None, start_pos=0, **kw):
         # start_pos is ignored: the speculative path prefills the whole prompt (its drafter needs the

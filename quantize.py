@@ -386,6 +386,19 @@ def quantize_state_dict(module: nn.Module, state_dict: dict, mode: str, groupsiz
     return out, record
 
 
+def quantize_module(module: nn.Module, mode: str = "int8", groupsize: Optional[int] = None) -> nn.Module:
+    """Quantize a loaded float module's linears in memory, in place (an EAGLE draft at load time: its
+    precision only changes what it proposes, never what the target accepts)."""
+    device = next(module.parameters()).device
+    sd = dict(module.state_dict())
+    new_sd, record = quantize_state_dict(module, sd, mode, groupsize, progress=False)
+    swap_linears(module, record)
+    module.load_state_dict({k: v.to(device) for k, v in new_sd.items()}, strict=True, assign=True)
+    prepare_for_device(module, device)
+    module.quantization = record
+    return module
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPTQ (Frantar et al. 2022): quantize columns left to right, pushing each column's rounding error onto
 # the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = 2 XᵀX).

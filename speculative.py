@@ -610,7 +610,8 @@ def pick_tree_tokens(cost: dict, tau_gain: float = 0.9) -> int:
 
 def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None, tree: str = "dynamic",
                   tree_depth: Optional[int] = None, tree_topk: Optional[int] = None, tree_tokens=None,
-                  draft_vocab: Optional[int] = None, device=None, dtype=None, compile: bool = False):
+                  draft_vocab: Optional[int] = None, draft_quant: Optional[str] = None, device=None, dtype=None,
+                  compile: bool = False):
     """A drafter for speculative_generate. method: "eagle" (draft_path = EAGLE draft checkpoint), "draft"
     (draft_checkpoint = a small target-format LM, chain of tree_depth tokens) or "lookup" (prompt
     lookup, chain of tree_depth tokens). tree_tokens: int or "auto" (measure the target's verify cost)."""
@@ -653,6 +654,15 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
             # d2t is frequency-ranked: keep the most frequent
             draft.d2t = draft.d2t[:draft_vocab].clone()
             draft.bind_target(target)
+        if draft_quant not in (None, "none", "int8"):
+            raise UserError(f"--draft-quant must be none or int8, got {draft_quant!r}")
+        if draft_quant == "int8":
+            import quantize
+            if getattr(draft, "quantization", None):
+                raise UserError(f"draft {draft_path} is already quantized ({draft.quantization['mode']}); "
+                                f"drop --draft-quant")
+            quantize.quantize_module(draft, "int8")
+            draft.quantize_head_int8()
         if tree not in DEFAULTS:
             raise UserError(f"--tree must be dynamic, static or chain, got {tree!r}")
         dflt = DEFAULTS[tree]

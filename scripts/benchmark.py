@@ -410,7 +410,8 @@ class Ours:
                 continue
             import speculative as S
             kw = {k: v for k, v in (("tree_depth", args.tree_depth), ("tree_topk", args.tree_topk),
-                                    ("tree_tokens", args.tree_tokens), ("draft_vocab", args.draft_vocab))
+                                    ("tree_tokens", args.tree_tokens), ("draft_vocab", args.draft_vocab),
+                                    ("draft_quant", args.draft_quant if PRECISIONS[precision][1] is None else None))
                   if v is not None}
             self.drafters[m] = S.build_drafter(
                 "eagle" if m in TREE_OF else m, self.model, draft_path=draft,
@@ -631,6 +632,8 @@ def parse_args(argv=None):
     p.add_argument("--tree-topk", type=int, default=None)
     p.add_argument("--tree-tokens", default=None, help="int or auto")
     p.add_argument("--draft-vocab", type=int, default=None)
+    p.add_argument("--draft-quant", default=None, choices=["none", "int8"],
+                   help="quantize a float EAGLE draft to int8 in memory")
     p.add_argument("--peer", default="", help="comma-separated: hf, llamacpp")
     p.add_argument("--gguf", default=None, help="GGUF for --peer llamacpp")
     p.add_argument("--out", default="results", help="output directory")
@@ -792,7 +795,7 @@ def main(argv=None):
                    "compile_prefill": args.compile_prefill, "seed": args.seed,
                    "warmup": args.warmup, "draft": args.draft, "draft_checkpoint": args.draft_checkpoint,
                    "tree_depth": args.tree_depth, "tree_topk": args.tree_topk, "tree_tokens": args.tree_tokens,
-                   "draft_vocab": args.draft_vocab},
+                   "draft_vocab": args.draft_vocab, "draft_quant": args.draft_quant},
         "roofline": roofline,
         "summary": summary,
         "records": records,

@@ -570,6 +570,13 @@ def train(args) -> None:
         check_fits(ck.get("config") or {}, target.args, args.init)
         init = {k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
     d2t = init.get("d2t") if init else None
+    if init is not None and args.draft_vocab:
+        # fine-tuning on fewer tokens: its vocabulary is frequency-ranked, keep the most frequent N
+        if d2t is None or args.draft_vocab > d2t.numel():
+            raise UserError(f"--draft-vocab {args.draft_vocab} with --init: the draft's vocabulary "
+                            f"({'the whole target vocabulary' if d2t is None else d2t.numel()}) can only be cut")
+        d2t = d2t[:args.draft_vocab].clone()
+        init["d2t"] = d2t
     if args.draft_vocab and init is None:
         counts = torch.zeros(target.args.vocab_size, dtype=torch.long)
         for t, _, m in train_seqs:
@@ -733,7 +740,8 @@ def main(argv=None):
                    help="also train depth 2..N on the draft's own guesses (training-time test; 1 = EAGLE-1)")
     t.add_argument("--draft-vocab", type=int, default=None,
                    help="draft vocabulary: the N most frequent assistant tokens (+ stop ids)")
-    t.add_argument("--init", default=None, help="start from this draft file (fine-tuning; keeps its vocabulary)")
+    t.add_argument("--init", default=None, help="start from this draft file (fine-tuning; keeps its vocabulary, or its "
+                   "--draft-vocab most frequent tokens)")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--clip", type=float, default=0.5)

@@ -127,6 +127,33 @@ def test_greedy_lossless_draft_vocab(target):
     _check(target, E.EagleDrafter(d, "dynamic", 5, 4, 16), _prompts(4), 32)
 
 
+def test_int8_draft_is_lossless_and_keeps_acceptance(target, trained, tmp_path):
+    """--draft-quant int8: the draft's linears and its head rows in int8 (half the bytes a draft step reads)
+    only change proposals: the output is still the target's, and a trained draft still gets accepted."""
+    d2t = torch.randperm(256, generator=torch.Generator().manual_seed(4))[:128]
+    d = train_draft(target, steps=80, d2t=d2t)
+    path = tmp_path / "d.pth"
+    E.save_draft(d, path, target.args)
+    float_tau = _check(target, SP.build_drafter("eagle", target, draft_path=path, dtype=torch.float32),
+                       _prompts(12), 32)
+    dr = SP.build_drafter("eagle", target, draft_path=path, dtype=torch.float32, draft_quant="int8")
+    assert dr.draft.head_weight.dtype == torch.int8 and dr.draft.quantization["mode"] == "int8"
+    int8_tau = _check(target, dr, _prompts(12), 32)
+    assert sum(int8_tau) > 0.8 * sum(float_tau), (int8_tau, float_tau)
+
+
+def test_quantized_target_gives_the_draft_its_head_rows(target):
+    """With an int8 target the draft scores its vocabulary with the quantized head's own rows (materialised
+    once), not by running the whole quantized head at every draft step."""
+    import quantize
+    t = quantize.quantize_module(copy.deepcopy(target), "int8")
+    d2t = torch.arange(0, 256, 3)
+    d = E.EagleDraft(t.args, draft_vocab=d2t).bind_target(t)
+    h = torch.randn(5, t.args.dim)
+    assert d.head_weight.shape == (d2t.numel(), t.args.dim)
+    torch.testing.assert_close(d.logits(h), t.output(h)[:, d2t], rtol=1e-4, atol=1e-4)
+
+
 def test_greedy_lossless_draft_model_and_lookup(target):
     other = make_target(seed=5)
     _check(target, SP.DraftModelDrafter(other, k=3), _prompts(5), 30)

@@ -238,6 +238,14 @@ def test_training_lowers_loss_and_raises_acceptance(target, regen_data, tmp_path
     ft = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert ft["untrained"]["top1"] > before["top1"] + 0.2
     assert torch.equal(torch.load(ft["draft"], weights_only=True)["state_dict"]["d2t"], sd["d2t"])
+    # ... or with its most frequent tokens only (the vocabulary it was trained with is ranked by frequency)
+    cli(*train_args(target, regen_data, tmp_path / "ft64", "--steps", 2, "--init", summary["draft"],
+                    "--draft-vocab", 64))
+    ft64 = json.loads((tmp_path / "ft64" / "summary.json").read_text())
+    assert torch.equal(torch.load(ft64["draft"], weights_only=True)["state_dict"]["d2t"], sd["d2t"][:64])
+    with pytest.raises(SystemExit):      # a vocabulary can be cut, not grown
+        cli(*train_args(target, regen_data, tmp_path / "ft999", "--steps", 2, "--init", summary["draft"],
+                        "--draft-vocab", 300))
 
 
 def test_resume_reproduces_an_uninterrupted_run(target, regen_data, tmp_path):
