@@ -243,6 +243,8 @@ def test_plans_are_ancestor_closed(target, kind):
         if temp > 0:    # every node with children has the distribution they were drawn from
             has_kids = (tr.children >= 0).any(1)
             assert (tr.qrow[has_kids] >= 0).all()
+            # sampling grows the static shape (a dynamic one may not depend on the draws): deep paths too
+            assert sorted(tr.depth.tolist()) == sorted([0] + [len(q) for q in E.STATIC_TREE[:19]])
 
 
 # ---- sampling: the output distribution is the target's -------------------------------------------
