@@ -158,12 +158,8 @@ class EagleDraft(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Draft logits over the draft vocabulary [..., Vd] (Vd = N with d2t, else the target vocab)."""
         if self.head_scales is not None:
-            h = hidden.reshape(-1, hidden.shape[-1]).to(self.head_scales.dtype).contiguous()
-            if h.device.type == "cpu":
-                out = torch.ops.aten._weight_int8pack_mm(h, self.head_weight, self.head_scales)
-            else:
-                out = F.linear(h, self.head_weight.to(h.dtype)) * self.head_scales
-            return out.reshape(*hidden.shape[:-1], -1)
+            from quantize import int8_matmul
+            return int8_matmul(hidden.to(self.head_scales.dtype), self.head_weight, self.head_scales)
         if self.head_weight is not None:
             return F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
         out = self.lm_head(hidden)

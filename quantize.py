@@ -157,6 +157,21 @@ def check_groupsize(groupsize: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Modules
 
+def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x [..., in] @ (weight int8 [out, in] * scales [out]).T, in x's dtype, on the device's fast path."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, weight.shape[1])
+    scales = scales.to(x.dtype)
+    # Row count is static per compiled graph, so this branch is decided at trace time (no recompiles).
+    if x2.device.type == "cpu" and x2.shape[0] <= INT8_PACKED_MAX_ROWS:
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight, scales)
+    else:
+        # CUDA: Inductor fuses the int8→float cast into the matmul's load; CPU, many rows: a plain GEMM
+        # on the dequantized weight is faster than the packed kernel.
+        y = F.linear(x2, weight.to(x.dtype)) * scales
+    return y.reshape(*lead, weight.shape[0])
+
+
 class WeightOnlyInt8Linear(nn.Module):
     """y = x @ (q * scales).T + bias with q int8 per output channel; scales in the activation dtype."""
 
@@ -169,19 +184,10 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        scales = self.scales.to(x.dtype)
-        # Row count is static per compiled graph, so this branch is decided at trace time (no recompiles).
-        if x2.device.type == "cpu" and x2.shape[0] <= INT8_PACKED_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scales)
-        else:
-            # CUDA: Inductor fuses the int8→float cast into the matmul's load; CPU, many rows: a plain GEMM
-            # on the dequantized weight is faster than the packed kernel.
-            y = F.linear(x2, self.weight.to(x.dtype)) * scales
+        y = int8_matmul(x, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

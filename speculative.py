@@ -545,7 +545,7 @@ DEFAULTS = {"dynamic": dict(depth=5, topk=4, tokens=12), "static": dict(depth=5,
             "chain": dict(depth=4, topk=1, tokens=5)}
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # On a CPU the draft head is a memory-bound matmul over the draft vocabulary, paid at every tree depth
-# (~0.5 ms a depth for 12288 rows of 576 in bf16 here). With the shipped SmolLM2 draft (12288 trained),
+# (~0.5 ms a depth for 12288 rows of 576 in bf16 here). With the previous SmolLM2 draft (12288 trained),
 # keeping its 4096 most frequent tokens left τ unchanged (2.44 on 6 MT-bench prompts, bf16) and took bf16
 # EAGLE from 0.85× to 1.03× plain decoding in the same process; 2048 lowered τ to 2.33. A draft whose
 # vocabulary is already smaller is kept as is; --draft-vocab overrides this; CUDA keeps the trained size.
