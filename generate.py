@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft-vocab", type=int, default=None,
                    help="shrink the EAGLE draft vocabulary to its N most frequent tokens (CPU default: 4096)")
     s.add_argument("--draft-quant", default=None, choices=["none", "int8"],
-                   help="quantize the EAGLE draft's weights in memory (its proposals only; output unchanged)")
+                   help="run a float EAGLE draft in int8 (CPU default) or as stored (none); its proposals only, output unchanged")
     s.add_argument("--compare-ar", action="store_true",
                    help="also run plain decoding on the same prompt; report speedup and token agreement")
     return p

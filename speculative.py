@@ -543,6 +543,21 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
 # GPU-sized trees (60 tokens) would eat the gain; `pick_tree_tokens` on that curve picks 12.
 DEFAULTS = {"dynamic": dict(depth=5, topk=4, tokens=12), "static": dict(depth=5, topk=4, tokens=12),
             "chain": dict(depth=4, topk=1, tokens=5)}
+# A bf16/fp16 target on a CPU verifies on the matrix units (AMX), whose tiles are 16 rows: a 16-row matmul
+# costs what 12 rows cost (bf16 linears of SmolLM2's shapes, eager: 19.3 ms at 12 rows, 20.6 at 16, 26.5 at
+# 24). On 8 MT-bench prompts (compiled bf16, int8 draft, one process) depth 6 / 16 tokens gave τ 2.49 at
+# 43.3 ms a round against 2.41 at 42.2 ms for the 12-token tree (2.09x vs 2.08x plain decoding), and 24
+# tokens τ 2.56 but 54.4 ms (1.71x). fp32 and the quantized kernels pay per row: in fp32 16 tokens fell to
+# 1.12x from 1.22x (6 prompts), so they keep DEFAULTS.
+HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
+
+
+def default_tree(tree: str, target, device) -> dict:
+    """Depth, top-k and token budget for `tree` when the user gives none (see DEFAULTS, HALF_CPU_TREE)."""
+    from generate import gemm_template_pays       # True for fp32 and weight-only quantized linears
+    if tree in ("dynamic", "static") and torch.device(device).type == "cpu" and not gemm_template_pays(target):
+        return HALF_CPU_TREE
+    return DEFAULTS[tree]
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # On a CPU the draft head is a memory-bound matmul over the draft vocabulary, paid at every tree depth
 # (~0.5 ms a depth for 12288 rows of 576 in bf16 here). With the previous SmolLM2 draft (12288 trained),
@@ -550,6 +565,11 @@ LOOKUP_K, DRAFT_LM_K = 6, 4
 # EAGLE from 0.85× to 1.03× plain decoding in the same process; 2048 lowered τ to 2.33. A draft whose
 # vocabulary is already smaller is kept as is; --draft-vocab overrides this; CUDA keeps the trained size.
 CPU_DRAFT_VOCAB = 4096
+# A float draft on a CPU runs in int8 unless --draft-quant none: a draft round is a chain of one-row,
+# memory-bound matmuls, and int8 halves their bytes. On 8 MT-bench prompts (compiled bf16 target, one
+# process, interleaved, slow-memory day) it took EAGLE from 1.81x to 2.08x plain decoding (47.3 -> 42.2 ms a
+# round) at the same τ (2.36 -> 2.41). Lossless either way: the draft only proposes.
+CPU_DRAFT_QUANT = "int8"
 # --tree-tokens auto times these budgets (1..64; every size in between would cost a minute on a CPU for
 # a curve that is smooth anyway)
 COST_GRID = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64)
@@ -656,6 +676,8 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
             draft.bind_target(target)
         if draft_quant not in (None, "none", "int8"):
             raise UserError(f"--draft-quant must be none or int8, got {draft_quant!r}")
+        if draft_quant is None and torch.device(device).type == "cpu" and not getattr(draft, "quantization", None):
+            draft_quant = CPU_DRAFT_QUANT
         if draft_quant == "int8":
             import quantize
             if getattr(draft, "quantization", None):
@@ -665,7 +687,7 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
             draft.quantize_head_int8()
         if tree not in DEFAULTS:
             raise UserError(f"--tree must be dynamic, static or chain, got {tree!r}")
-        dflt = DEFAULTS[tree]
+        dflt = default_tree(tree, target, device)
         depth, topk = tree_depth or dflt["depth"], tree_topk or dflt["topk"]
         tokens = tree_tokens if tree_tokens not in (None, "auto") else dflt["tokens"]
         if tree_tokens == "auto":

@@ -633,7 +633,7 @@ def parse_args(argv=None):
     p.add_argument("--tree-tokens", default=None, help="int or auto")
     p.add_argument("--draft-vocab", type=int, default=None)
     p.add_argument("--draft-quant", default=None, choices=["none", "int8"],
-                   help="quantize a float EAGLE draft to int8 in memory")
+                   help="int8 (CPU default for a float EAGLE draft) or none")
     p.add_argument("--peer", default="", help="comma-separated: hf, llamacpp")
     p.add_argument("--gguf", default=None, help="GGUF for --peer llamacpp")
     p.add_argument("--out", default="results", help="output directory")
@@ -701,6 +701,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    t_start = time.perf_counter()
     args = parse_args(argv)
     from tqdm import tqdm
     import generate as G
@@ -797,6 +798,7 @@ def main(argv=None):
                    "tree_depth": args.tree_depth, "tree_topk": args.tree_topk, "tree_tokens": args.tree_tokens,
                    "draft_vocab": args.draft_vocab, "draft_quant": args.draft_quant},
         "roofline": roofline,
+        "wall_s": round(time.perf_counter() - t_start, 1),     # the whole run: loading, compiling, every prompt
         "summary": summary,
         "records": records,
     }

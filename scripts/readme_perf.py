@@ -32,7 +32,8 @@ def perf_block(results: dict, plot: str | None) -> str:
         f"{'compiled' if cfg['compile'] else 'eager'}):", "",
         "```", results["command"], "```", "",
         f"Machine: {machine_line(results['machine'])}"
-        + (f", commit {results['machine']['git_commit']}" if results["machine"].get("git_commit") else "") + ".",
+        + (f", commit {results['machine']['git_commit']}" if results["machine"].get("git_commit") else "")
+        + (f"; the whole run took {results['wall_s'] / 60:.1f} min" if results.get("wall_s") else "") + ".",
         f"Measured memory read bandwidth {roof['bandwidth_gb_s']:.1f} GB/s; the decode roofline (bandwidth / weight "
         "bytes) is " + ", ".join(f"{p} {t:.0f} tok/s" for p, t in roof["tok_s"].items()) + ".", "",
         markdown_table(results["summary"]).rstrip("\n"), "",

@@ -78,6 +78,7 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     assert res["command"].startswith("python ") and "--methods ar,lookup,eagle,draft" in res["command"]
     assert {"cpu", "cores", "threads", "torch", "date"} <= set(res["machine"])
     assert res["roofline"]["bandwidth_gb_s"] > 0 and res["roofline"]["tok_s"]["fp32"] > 0
+    assert res["wall_s"] > 0 and "the whole run took" in readme.read_text()
     recs = res["records"]
     methods = {"ar", "lookup", "eagle", "draft", "hf", "hf-lookup"}
     # 1 prompt x 2 turns x 2 temperatures x 6 runners, none from the warm-up
@@ -192,7 +193,7 @@ def test_readme_perf_rewrites_only_the_block(tmp_path):
     results = {"command": "python scripts/benchmark.py --limit 1", "config": {
         "n_prompts": 1, "prompts": "mt_bench", "max_new_tokens": 256, "compile": True},
         "machine": {"cpu": "Test CPU", "cores": 2, "threads": 2, "torch": "2.13.0", "date": "2026-11-23 12:00 UTC"},
-        "roofline": {"bandwidth_gb_s": 10.0, "tok_s": {"bf16": 37.0}},
+        "roofline": {"bandwidth_gb_s": 10.0, "tok_s": {"bf16": 37.0}}, "wall_s": 90.0,
         "summary": benchmark.summarize(recs, {"bf16": 1e9}, {})}
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "results.png").write_bytes(b"\x89PNG")
@@ -202,6 +203,7 @@ def test_readme_perf_rewrites_only_the_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("# x\nintro\n<!-- perf:start -->\n") and text.endswith("<!-- perf:end -->\nafter\n")
     assert "old numbers" not in text and "python scripts/benchmark.py --limit 1" in text and "Test CPU" in text
+    assert "the whole run took 1.5 min" in text
     assert "| bf16 | 0 | lookup | 1 | 15.0 |" in text and "![speedup and τ per method](results.png)" in text
     once = text
     readme_perf.main(["--results", str(tmp_path / "results.json"), "--readme", str(readme)])

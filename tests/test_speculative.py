@@ -128,15 +128,16 @@ def test_greedy_lossless_draft_vocab(target):
 
 
 def test_int8_draft_is_lossless_and_keeps_acceptance(target, trained, tmp_path):
-    """--draft-quant int8: the draft's linears and its head rows in int8 (half the bytes a draft step reads)
-    only change proposals: the output is still the target's, and a trained draft still gets accepted."""
+    """--draft-quant int8 (the CPU default for a float draft): the draft's linears and its head rows in int8
+    (half the bytes a draft step reads) only change proposals: the output is still the target's, and a trained draft still gets accepted."""
     d2t = torch.randperm(256, generator=torch.Generator().manual_seed(4))[:128]
     d = train_draft(target, steps=80, d2t=d2t)
     path = tmp_path / "d.pth"
     E.save_draft(d, path, target.args)
-    float_tau = _check(target, SP.build_drafter("eagle", target, draft_path=path, dtype=torch.float32),
-                       _prompts(12), 32)
-    dr = SP.build_drafter("eagle", target, draft_path=path, dtype=torch.float32, draft_quant="int8")
+    fl = SP.build_drafter("eagle", target, draft_path=path, dtype=torch.float32, draft_quant="none")
+    assert fl.draft.head_weight.is_floating_point() and not getattr(fl.draft, "quantization", None)
+    float_tau = _check(target, fl, _prompts(12), 32)
+    dr = SP.build_drafter("eagle", target, draft_path=path, dtype=torch.float32)   # the CPU default
     assert dr.draft.head_weight.dtype == torch.int8 and dr.draft.quantization["mode"] == "int8"
     int8_tau = _check(target, dr, _prompts(12), 32)
     assert sum(int8_tau) > 0.8 * sum(float_tau), (int8_tau, float_tau)
@@ -442,3 +443,20 @@ def test_cpu_default_draft_vocab(target, tmp_path, monkeypatch):
     assert SP.build_drafter("eagle", target, draft_path=path, draft_vocab=48).draft.d2t.numel() == 48
     monkeypatch.setattr(SP, "CPU_DRAFT_VOCAB", 100)
     assert torch.equal(SP.build_drafter("eagle", target, draft_path=path).draft.d2t, d2t)
+
+
+def test_default_tree_follows_the_verify_cost_of_the_precision(target):
+    """On a CPU a bf16 target verifies 16 rows for the price of 12 (AMX tiles), so its default tree is
+    larger; fp32 and weight-only quantized targets pay per row and keep the smaller one."""
+    import quantize
+    assert SP.default_tree("dynamic", target, "cpu") == SP.DEFAULTS["dynamic"]          # fp32
+    half = copy.deepcopy(target).to(torch.bfloat16)
+    assert SP.default_tree("dynamic", half, "cpu") == SP.HALF_CPU_TREE
+    assert SP.default_tree("static", half, "cpu") == SP.HALF_CPU_TREE
+    assert SP.default_tree("chain", half, "cpu") == SP.DEFAULTS["chain"]
+    assert SP.default_tree("dynamic", half, "cuda") == SP.DEFAULTS["dynamic"]
+    q = quantize.quantize_module(copy.deepcopy(half), "int8")
+    assert SP.default_tree("dynamic", q, "cpu") == SP.DEFAULTS["dynamic"]
+    d = E.EagleDraft(half.args).bind_target(half)
+    dr = E.EagleDrafter(d, "dynamic", **SP.HALF_CPU_TREE)
+    assert dr.N == SP.HALF_CPU_TREE["tokens"]
