@@ -355,8 +355,9 @@ def quantized_checkpoint(checkpoint: Path, precision: str) -> Path:
     if name is None:
         return checkpoint
     path = checkpoint.parent / name
-    if not path.exists():
-        print(f"{path} is missing; running quantize.py --mode {mode} ...", file=sys.stderr)
+    from quantize import has_layout
+    if not has_layout(path, mode):
+        print(f"{path} is missing or has an older layout; running quantize.py --mode {mode} ...", file=sys.stderr)
         run_quantize(["--checkpoint", str(checkpoint), "--mode", mode], path)
     return path
 

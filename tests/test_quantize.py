@@ -196,16 +196,21 @@ def greedy(model, prompt, n):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode,groupsize,tie", [("int8", None, False), ("int4", 32, False), ("int4", 64, True),
-                                                ("int8", None, True)])
-def test_quantize_save_load_generate(tmp_path, mode, groupsize, tie):
+@pytest.mark.parametrize("mode,groupsize,tie,head", [("int8", None, False, "int8"), ("int4", 32, False, "int8"),
+                                                     ("int4", 64, True, "int8"), ("int4", 32, True, "int4"),
+                                                     ("int8", None, True, "int8")])
+def test_quantize_save_load_generate(tmp_path, mode, groupsize, tie, head):
     path, _, _ = write_checkpoint(tmp_path / "model.pth", tie_word_embeddings=tie)
-    qpath = quantize.quantize_checkpoint(path, mode, groupsize, progress=False)
+    qpath = quantize.quantize_checkpoint(path, mode, groupsize, progress=False, head=head)
     assert qpath.name == ("model_int8.pth" if mode == "int8" else f"model_{mode}.g{groupsize}.pth")
     ck = read_checkpoint(qpath)
     assert ck["quantization"]["mode"] == mode and ck["quantization"].get("groupsize") == groupsize
+    assert quantize.has_layout(qpath, mode, head) and (mode == "int8" or not quantize.has_layout(
+        qpath, mode, "int4" if head == "int8" else "int8"))
     qm = load_model(qpath, "cpu", torch.float32)
-    assert isinstance(qm.output, WeightOnlyInt8Linear if mode == "int8" else WeightOnlyInt4Linear)
+    # an int4 file keeps its head in int8 unless --head int4 (the head holds most of int4's quality loss)
+    assert isinstance(qm.output, WeightOnlyInt8Linear if head == "int8" else WeightOnlyInt4Linear)
+    assert isinstance(qm.layers[0].feed_forward.w2, WeightOnlyInt8Linear if mode == "int8" else WeightOnlyInt4Linear)
     assert qm.tok_embeddings.weight.dtype == torch.float32     # the gather stays float
     ref = dequantized_reference(path, qpath)
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
@@ -411,6 +416,13 @@ def test_corrupt_and_mismatched_files(tmp_path):
     atomic_save(ck, tmp_path / "floaty.pth")
     with pytest.raises(UserError, match="does not match"):
         load_model(tmp_path / "floaty.pth", "cpu")
+    # an int8 list that is not a list of layer names, or names a layer the model lacks
+    for bad_list, msg in (("output", "malformed int8_linears"), (["nope"], "layers this model does not have")):
+        ck4 = torch.load(q4, weights_only=True)
+        ck4["quantization"] = {**ck4["quantization"], "int8_linears": bad_list}
+        atomic_save(ck4, tmp_path / "badlist.pth")
+        with pytest.raises(UserError, match=msg):
+            load_model(tmp_path / "badlist.pth", "cpu")
     # unknown record
     ck["quantization"] = {"mode": "fp8"}
     atomic_save(ck, tmp_path / "fp8.pth")
