@@ -20,7 +20,9 @@ tinygemm-packed layout and broke when that layout changed):
 
 Which layers: every nn.Linear (attention, MLP, the output head). The token embedding stays float: it is
 a gather of one row per token, not a matmul. A model with tied embeddings gets a quantized copy of the
-embedding as its output head, so its file holds both the float embedding and the quantized head.
+embedding as its output head, so its file holds both the float embedding and the quantized head. In an
+int4 file the head is int8 unless --head int4 (see HEAD_NAMES); the record's "int8_linears" lists such
+layers, whose tensors are in the int8 layout.
 """
 from __future__ import annotations
 
