@@ -405,7 +405,7 @@ def quantize_state_dict(module: nn.Module, state_dict: dict, mode: str, groupsiz
 
 # The head of an int4 model stays int8 unless --head int4: on SmolLM2-135M (bf16, 8 x 512 held-out ShareGPT
 # tokens) an all-int4 RTN g32 model lost 6.0% perplexity and the same model with an int8 head 0.13% (int8 for
-# w2 or for attention instead: 5.6%, 6.3%), for 12 MB more weights (+9%). llama.cpp's Q4_1 file of
+# w2 or for attention instead: 5.6%, 6.3%), for 10 MiB more weights (+8%). llama.cpp's Q4_1 file of
 # this model does the same: its (tied) token_embd is Q8_0.
 HEAD_NAMES = ("output",)
 
@@ -861,7 +861,7 @@ def build_parser():
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of the mean Hessian diag")
     p.add_argument("--head", default="int8", choices=["int8", "int4"],
-                   help="int4 modes: keep the output layer in int8 (default; +9%% bytes, most of the quality) "
+                   help="int4 modes: keep the output layer in int8 (default; +8%% bytes, most of the quality) "
                         "or quantize it to int4 too")
     p.add_argument("--eval", action="store_true", help="report perplexity and greedy agreement per mode")
     p.add_argument("--modes", default="int8,int4,int4-gptq", help="--eval: modes to compare")
