@@ -382,7 +382,8 @@ def quantize_state_dict(module: nn.Module, state_dict: dict, mode: str, groupsiz
     names = [n for n in _linear_names(module) if f"{n}.weight" in state_dict]
     if not names:
         raise UserError("found no linear layer weights to quantize in this checkpoint")
-    int8 = [n for n in names if n in set(int8_linears)] if mode != "int8" else []
+    keep = set(int8_linears)
+    int8 = [n for n in names if n in keep] if mode != "int8" else []
     out = dict(state_dict)
     from tqdm import tqdm
     for name in tqdm(names, desc=f"quantize {mode}", disable=not progress, unit="layer"):

@@ -550,14 +550,6 @@ DEFAULTS = {"dynamic": dict(depth=5, topk=4, tokens=12), "static": dict(depth=5,
 # tokens τ 2.56 but 54.4 ms (1.71x). fp32 and the quantized kernels pay per row: in fp32 16 tokens fell to
 # 1.12x from 1.22x (6 prompts), so they keep DEFAULTS.
 HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
-
-
-def default_tree(tree: str, target, device) -> dict:
-    """Depth, top-k and token budget for `tree` when the user gives none (see DEFAULTS, HALF_CPU_TREE)."""
-    from generate import gemm_template_pays       # True for fp32 and weight-only quantized linears
-    if tree in ("dynamic", "static") and torch.device(device).type == "cpu" and not gemm_template_pays(target):
-        return HALF_CPU_TREE
-    return DEFAULTS[tree]
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # On a CPU the draft head is a memory-bound matmul over the draft vocabulary, paid at every tree depth
 # (~0.5 ms a depth for 12288 rows of 576 in bf16 here). With the previous SmolLM2 draft (12288 trained),
@@ -574,6 +566,14 @@ CPU_DRAFT_QUANT = "int8"
 # a curve that is smooth anyway)
 COST_GRID = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64)
 SHIPPED_DRAFT = "eagle_draft.pth"   # --speculate without --draft looks for this next to the target's model.pth
+
+
+def default_tree(tree: str, target, device) -> dict:
+    """Depth, top-k and token budget for `tree` when the user gives none (see DEFAULTS, HALF_CPU_TREE)."""
+    from generate import gemm_template_pays       # True for fp32 and weight-only quantized linears
+    if tree in ("dynamic", "static") and torch.device(device).type == "cpu" and not gemm_template_pays(target):
+        return HALF_CPU_TREE
+    return DEFAULTS[tree]
 
 
 def shipped_draft(target):
