@@ -103,7 +103,13 @@ def compile_decode(mode: Optional[str] = None, device: Optional[str] = None, mod
     global decode_step
     if mode is None:
         mode = "reduce-overhead" if _on_cuda(device) else "default"
-    decode_step = compile_step(decode_one_token, model, device, mode)
+    if not _on_cuda(device) and mode == "default" and _undecided_half(model):
+        decode_step = choose_half_gemm(model)
+    elif not _on_cuda(device) and mode == "default" and getattr(model, "half_gemm_template", False):
+        cpu_inductor_settings()
+        decode_step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=GEMM_TEMPLATE_OPTIONS)
+    else:
+        decode_step = compile_step(decode_one_token, model, device, mode)
     return decode_step
 
 
@@ -114,8 +120,13 @@ def _on_cuda(device) -> bool:
 # Inductor's own C++ GEMM template, autotuned against the library kernel at compile time. At batch 1 (and
 # for the few rows of a verify) MKL's fp32 sgemm is far from the memory bound; on this 2-core AVX-512 CPU
 # the template halved a SmolLM2-135M fp32 forward (1 token: 38 → 20 ms, 12 tokens: 73 → 37 ms), and it
-# took int8/int4 weight-only decoding from ~110/~125 to ~135/~150 tok/s. For plain bf16 weights oneDNN's
-# prepacked linear was faster (80 vs 62 tok/s), so bf16 keeps it. Costs ~20 s more compile time.
+# took int8/int4 weight-only decoding from ~110/~125 to ~135/~150 tok/s. Costs ~20 s more compile time.
+# For bf16/fp16 weights the winner depends on the machine: oneDNN's prepacked linear was faster on one
+# 2-core "AMD EPYC" (80 vs 62 tok/s, 2026-11-23), the template on another of the same name (73-75 vs 41-46
+# tok/s, 2026-12-01, an AVX512-BF16 Zen 4 without AMX). So compile_decode times both on the model itself
+# (choose_half_gemm). The choice is the decode step's only; the verify and draft steps of a half-precision
+# model keep oneDNN, untimed: on that second machine bf16 EAGLE ran at 69.7 tok/s all-oneDNN, 63.6 with the
+# template everywhere and 61.5 with it in decode only (8 MT-bench prompts, separate runs: within its noise).
 GEMM_TEMPLATE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                          # keep the autotuner's per-matmul timing tables off the user's stderr
                          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
@@ -123,13 +134,61 @@ GEMM_TEMPLATE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CP
 
 def gemm_template_pays(model) -> bool:
     """True when `model`'s matmuls are fp32 or weight-only quantized (see GEMM_TEMPLATE_OPTIONS); its first
-    linear layer decides."""
+    linear layer decides. A half-precision decode step is chosen by measurement instead (choose_half_gemm)."""
     for m in (model.modules() if model is not None else ()):
         if isinstance(m, torch.nn.Linear):
             return m.weight.dtype == torch.float32
         if type(m).__name__.startswith("WeightOnlyInt"):      # quantize.py's int8 / int4 linears
             return True
     return False
+
+
+def _undecided_half(model) -> bool:
+    """A model with half-precision nn.Linear weights whose CPU matmul kernels choose_half_gemm has not chosen."""
+    if model is None or hasattr(model, "half_gemm_template"):
+        return False
+    lin = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    return lin is not None and lin.weight.dtype in (torch.bfloat16, torch.float16) and hasattr(model, "causal_rows")
+
+
+# Two names for the same decode step, so that the two candidates choose_half_gemm compiles are separate
+# Dynamo cache entries (entries live on the code object) and the loser can be dropped whole.
+def _decode_with_template(model, cur, input_pos, temperature, top_k, top_p, mask=None):
+    return decode_one_token(model, cur, input_pos, temperature, top_k, top_p, mask)
+
+
+def _decode_with_library(model, cur, input_pos, temperature, top_k, top_p, mask=None):
+    return decode_one_token(model, cur, input_pos, temperature, top_k, top_p, mask)
+
+
+def choose_half_gemm(model, reps: int = 7):
+    """Compile the decode step of a bf16/fp16 CPU model both with the C++ GEMM template and with oneDNN's
+    prepacked linears, time one-token steps of each (interleaved, on the model's own cache; the slot
+    written is overwritten by the next prefill), and keep the faster: returns its compiled step and records
+    the choice as model.half_gemm_template (a later compile_decode of the model reuses it without timing).
+    Costs one extra compilation, once per model. Sets up a small cache if the model has none."""
+    cpu_inductor_settings()
+    if getattr(model, "max_seq_length", 0) <= 0 or getattr(model.layers[0].attention, "kv_cache", None) is None:
+        model.setup_caches(1, CACHE_ROUNDING)
+    B = model.max_batch_size
+    dev = model.tok_embeddings.weight.device
+    cur, pos = torch.zeros(B, 1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+    steps = {True: torch.compile(_decode_with_template, fullgraph=True, dynamic=False, options=GEMM_TEMPLATE_OPTIONS),
+             False: torch.compile(_decode_with_library, fullgraph=True, dynamic=False)}
+    times = {True: [], False: []}
+    with torch.no_grad():
+        for i in range(reps + 1):        # the first round compiles
+            for template, step in steps.items():
+                t = time.perf_counter()
+                step(model, cur, pos, 0.0, None, None, model.causal_rows(0, 1))
+                times[template].append(time.perf_counter() - t)
+    median = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
+    model.half_gemm_template = median[True] < median[False]
+    loser = _decode_with_library if model.half_gemm_template else _decode_with_template
+    reset_code = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
+    if reset_code is not None:           # free the losing graph's packed copy of the weights
+        reset_code(loser.__code__)
+    return steps[model.half_gemm_template]
 
 
 def compile_step(fn, model=None, device: Optional[str] = None, mode: str = "default"):

@@ -543,12 +543,14 @@ def speculative_generate(target, drafter, prompt: Tensor, max_new_tokens: int, *
 # GPU-sized trees (60 tokens) would eat the gain; `pick_tree_tokens` on that curve picks 12.
 DEFAULTS = {"dynamic": dict(depth=5, topk=4, tokens=12), "static": dict(depth=5, topk=4, tokens=12),
             "chain": dict(depth=4, topk=1, tokens=5)}
-# A bf16/fp16 target on a CPU verifies on the matrix units (AMX), whose tiles are 16 rows: a 16-row matmul
-# costs what 12 rows cost (bf16 linears of SmolLM2's shapes, eager: 19.3 ms at 12 rows, 20.6 at 16, 26.5 at
-# 24). On 8 MT-bench prompts (compiled bf16, int8 draft, one process) depth 6 / 16 tokens gave τ 2.49 at
-# 43.3 ms a round against 2.41 at 42.2 ms for the 12-token tree (2.09x vs 2.08x plain decoding), and 24
-# tokens τ 2.56 but 54.4 ms (1.71x). fp32 and the quantized kernels pay per row: in fp32 16 tokens fell to
-# 1.12x from 1.22x (6 prompts), so they keep DEFAULTS.
+# A bf16/fp16 target on a CPU with AMX (Intel Xeon, Sapphire Rapids on) verifies on the matrix units, whose
+# tiles are 16 rows: a 16-row matmul costs what 12 rows cost (bf16 linears of SmolLM2's shapes, eager: 19.3 ms
+# at 12 rows, 20.6 at 16, 26.5 at 24). On 8 MT-bench prompts (compiled bf16, int8 draft, one process) depth 6 /
+# 16 tokens gave τ 2.49 at 43.3 ms a round against 2.41 at 42.2 ms for the 12-token tree (2.09x vs 2.08x plain
+# decoding), and 24 tokens τ 2.56 but 54.4 ms (1.71x). Without AMX (AMD EPYC: AVX512-BF16 dot products) bf16
+# pays per row like fp32: there the same 8 prompts gave 1.32x at τ 2.59 with 16 tokens, 1.61x at τ 2.44 with
+# 12 and 1.61x at τ 2.24 with 8 (2026-12-01), so only AMX CPUs get the larger tree. fp32 and the quantized
+# kernels pay per row everywhere: in fp32 16 tokens fell to 1.12x from 1.22x (6 prompts), so they keep DEFAULTS.
 HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # On a CPU the draft head is a memory-bound matmul over the draft vocabulary, paid at every tree depth
@@ -571,9 +573,17 @@ SHIPPED_DRAFT = "eagle_draft.pth"   # --speculate without --draft looks for this
 def default_tree(tree: str, target, device) -> dict:
     """Depth, top-k and token budget for `tree` when the user gives none (see DEFAULTS, HALF_CPU_TREE)."""
     from generate import gemm_template_pays       # True for fp32 and weight-only quantized linears
-    if tree in ("dynamic", "static") and torch.device(device).type == "cpu" and not gemm_template_pays(target):
+    if tree in ("dynamic", "static") and torch.device(device).type == "cpu" and not gemm_template_pays(target) \
+            and cpu_has_amx():
         return HALF_CPU_TREE
     return DEFAULTS[tree]
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, on which a bf16 matmul of up to 16 rows costs about what one row does
+    (see HALF_CPU_TREE). The machines this was tuned on were Intel Xeons with AMX and AMD EPYCs without."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)   # private; absent in some torch builds
+    return bool(probe()) if probe is not None else False
 
 
 def shipped_draft(target):

@@ -1,9 +1,11 @@
 """generate.py: the plain decode loop against transformers, batching, stops, cache limits, torch.compile,
 and the CLI end to end on a tiny checkpoint with a tiny tokenizer."""
+import copy
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -254,14 +256,56 @@ def test_real_model_knows_paris(request):
 
 
 def test_gemm_template_choice():
-    """fp32 and weight-only quantized models compile with Inductor's C++ GEMM template; bf16 keeps oneDNN."""
+    """fp32 and weight-only quantized models compile with Inductor's C++ GEMM template; a bf16 model's
+    decode step follows what choose_half_gemm measures for it, its other steps keep oneDNN."""
     import model as M
     import quantize
     m = M.Transformer(M.ModelArgs(dim=64, n_layer=1, n_head=4, intermediate_size=128, vocab_size=50))
-    assert generate.gemm_template_pays(m)
-    assert not generate.gemm_template_pays(m.to(torch.bfloat16))
+    assert generate.gemm_template_pays(m) and not generate._undecided_half(m)
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    assert not generate.gemm_template_pays(half) and generate._undecided_half(half)
+    half.half_gemm_template = True
+    assert not generate.gemm_template_pays(half) and not generate._undecided_half(half)
     assert generate.gemm_template_pays(quantize.swap_linears(m, {"mode": "int8"}))
     assert not generate.gemm_template_pays(None)
+
+
+@pytest.mark.parametrize("slow", ["library", "template"])
+def test_half_precision_decode_times_both_kernels_and_keeps_the_faster(tiny_ckpt, monkeypatch, slow):
+    """compile_decode on a bf16 CPU model compiles the step both ways, keeps the one its timings favour
+    (here rigged: one candidate's calls are made slow), records the choice for later steps, and the kept
+    step decodes what eager decoding does."""
+    from torch._dynamo.utils import counters
+    m = load_model(tiny_ckpt[0], "cpu", torch.bfloat16)
+    prompt = torch.tensor(PROMPT)
+    m.setup_caches(1, 256)
+    generate.use_eager()
+    eager, _ = generate.generate(m, prompt, 24)
+    real_compile = torch.compile
+
+    def rigged_compile(fn, **kw):
+        step = real_compile(fn, **kw)
+        if fn is not getattr(generate, f"_decode_with_{slow}"):
+            return step
+
+        def delayed(*a, **k):
+            time.sleep(0.05)
+            return step(*a, **k)
+        return delayed
+    monkeypatch.setattr(torch, "compile", rigged_compile)
+    try:
+        torch._dynamo.reset()
+        step = generate.compile_decode(model=m)
+        assert m.half_gemm_template is (slow == "library") and not generate.gemm_template_pays(m)
+        counters.clear()
+        compiled, _ = generate.generate(m, prompt, 24)
+        assert not counters["recompiles"]
+        assert compiled[0][:8] == eager[0][:8]   # bf16 kernels round differently: near-ties may flip later
+        monkeypatch.setattr(generate, "choose_half_gemm", lambda *a, **k: pytest.fail("timed twice"))
+        generate.compile_decode(model=m)                           # decided: a plain compile
+    finally:
+        generate.use_eager()
+        torch._dynamo.reset()
 
 
 def test_few_rows_attention_matches_sdpa():

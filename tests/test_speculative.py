@@ -445,12 +445,16 @@ def test_cpu_default_draft_vocab(target, tmp_path, monkeypatch):
     assert torch.equal(SP.build_drafter("eagle", target, draft_path=path).draft.d2t, d2t)
 
 
-def test_default_tree_follows_the_verify_cost_of_the_precision(target):
-    """On a CPU a bf16 target verifies 16 rows for the price of 12 (AMX tiles), so its default tree is
-    larger; fp32 and weight-only quantized targets pay per row and keep the smaller one."""
+def test_default_tree_follows_the_verify_cost_of_the_precision(target, monkeypatch):
+    """On a CPU with AMX a bf16 target verifies 16 rows for the price of 12 (AMX tiles), so its default tree
+    is larger; without AMX, and for fp32 and weight-only quantized targets, every row costs and the smaller
+    tree stays."""
     import quantize
-    assert SP.default_tree("dynamic", target, "cpu") == SP.DEFAULTS["dynamic"]          # fp32
     half = copy.deepcopy(target).to(torch.bfloat16)
+    monkeypatch.setattr(SP, "cpu_has_amx", lambda: False)
+    assert SP.default_tree("dynamic", half, "cpu") == SP.DEFAULTS["dynamic"]
+    monkeypatch.setattr(SP, "cpu_has_amx", lambda: True)
+    assert SP.default_tree("dynamic", target, "cpu") == SP.DEFAULTS["dynamic"]          # fp32
     assert SP.default_tree("dynamic", half, "cpu") == SP.HALF_CPU_TREE
     assert SP.default_tree("static", half, "cpu") == SP.HALF_CPU_TREE
     assert SP.default_tree("chain", half, "cpu") == SP.DEFAULTS["chain"]
