@@ -105,11 +105,9 @@ def compile_decode(mode: Optional[str] = None, device: Optional[str] = None, mod
         mode = "reduce-overhead" if _on_cuda(device) else "default"
     if not _on_cuda(device) and mode == "default" and _undecided_half(model):
         decode_step = choose_half_gemm(model)
-    elif not _on_cuda(device) and mode == "default" and getattr(model, "half_gemm_template", False):
-        cpu_inductor_settings()
-        decode_step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=GEMM_TEMPLATE_OPTIONS)
     else:
-        decode_step = compile_step(decode_one_token, model, device, mode)
+        decode_step = compile_step(decode_one_token, model, device, mode,
+                                   template=getattr(model, "half_gemm_template", None))
     return decode_step
 
 
@@ -167,17 +165,16 @@ def choose_half_gemm(model, reps: int = 7):
     written is overwritten by the next prefill), and keep the faster: returns its compiled step and records
     the choice as model.half_gemm_template (a later compile_decode of the model reuses it without timing).
     Costs one extra compilation, once per model. Sets up a small cache if the model has none."""
-    cpu_inductor_settings()
-    if getattr(model, "max_seq_length", 0) <= 0 or getattr(model.layers[0].attention, "kv_cache", None) is None:
+    if model.max_seq_length <= 0:
         model.setup_caches(1, CACHE_ROUNDING)
-    B = model.max_batch_size
     dev = model.tok_embeddings.weight.device
-    cur, pos = torch.zeros(B, 1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-    steps = {True: torch.compile(_decode_with_template, fullgraph=True, dynamic=False, options=GEMM_TEMPLATE_OPTIONS),
-             False: torch.compile(_decode_with_library, fullgraph=True, dynamic=False)}
+    cur = torch.zeros(model.max_batch_size, 1, dtype=torch.long, device=dev)
+    pos = torch.zeros(1, dtype=torch.long, device=dev)
+    steps = {True: compile_step(_decode_with_template, model, dev, template=True),
+             False: compile_step(_decode_with_library, model, dev, template=False)}
     times = {True: [], False: []}
     with torch.no_grad():
-        for i in range(reps + 1):        # the first round compiles
+        for _ in range(reps + 1):        # the first round compiles
             for template, step in steps.items():
                 t = time.perf_counter()
                 step(model, cur, pos, 0.0, None, None, model.causal_rows(0, 1))
@@ -191,14 +188,15 @@ def choose_half_gemm(model, reps: int = 7):
     return steps[model.half_gemm_template]
 
 
-def compile_step(fn, model=None, device: Optional[str] = None, mode: str = "default"):
+def compile_step(fn, model=None, device: Optional[str] = None, mode: str = "default",
+                 template: Optional[bool] = None):
     """torch.compile(fn) the way every step here is compiled: fullgraph, static shapes unless marked
-    dynamic (mask widths), frozen weights (+ the GEMM template where it pays) on CPU. `model` is the model
-    fn runs. The speculative steps keep mode "default" on CUDA too: CUDA graphs would overwrite a step's
+    dynamic (mask widths), frozen weights (+ the GEMM template where it pays, or where `template` says so)
+    on CPU. `model` is the model fn runs. The speculative steps keep mode "default" on CUDA too: CUDA graphs would overwrite a step's
     output on the next replay, and a draft round still reads the previous step's hidden state."""
     if not _on_cuda(device):
         cpu_inductor_settings()
-        if mode == "default" and gemm_template_pays(model):
+        if mode == "default" and (gemm_template_pays(model) if template is None else template):
             return torch.compile(fn, fullgraph=True, dynamic=False, options=GEMM_TEMPLATE_OPTIONS)
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
 
