@@ -130,15 +130,21 @@ GEMM_TEMPLATE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CP
                          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
-def gemm_template_pays(model) -> bool:
-    """True when `model`'s matmuls are fp32 or weight-only quantized (see GEMM_TEMPLATE_OPTIONS); its first
-    linear layer decides. A half-precision decode step is chosen by measurement instead (choose_half_gemm)."""
+def linear_kind(model) -> str:
+    """What `model`'s matmuls run on, by its first linear layer: "fp32", "half" (bf16/fp16), "quant"
+    (quantize.py's weight-only int8 / int4 linears) or "none"."""
     for m in (model.modules() if model is not None else ()):
         if isinstance(m, torch.nn.Linear):
-            return m.weight.dtype == torch.float32
-        if type(m).__name__.startswith("WeightOnlyInt"):      # quantize.py's int8 / int4 linears
-            return True
-    return False
+            return "fp32" if m.weight.dtype == torch.float32 else "half"
+        if type(m).__name__.startswith("WeightOnlyInt"):
+            return "quant"
+    return "none"
+
+
+def gemm_template_pays(model) -> bool:
+    """True when `model`'s matmuls are fp32 or weight-only quantized (see GEMM_TEMPLATE_OPTIONS). A
+    half-precision decode step is chosen by measurement instead (choose_half_gemm)."""
+    return linear_kind(model) in ("fp32", "quant")
 
 
 def _undecided_half(model) -> bool:

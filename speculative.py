@@ -549,9 +549,16 @@ DEFAULTS = {"dynamic": dict(depth=5, topk=4, tokens=12), "static": dict(depth=5,
 # 16 tokens gave τ 2.49 at 43.3 ms a round against 2.41 at 42.2 ms for the 12-token tree (2.09x vs 2.08x plain
 # decoding), and 24 tokens τ 2.56 but 54.4 ms (1.71x). Without AMX (AMD EPYC: AVX512-BF16 dot products) bf16
 # pays per row like fp32: there the same 8 prompts gave 1.32x at τ 2.59 with 16 tokens, 1.61x at τ 2.44 with
-# 12 and 1.61x at τ 2.24 with 8 (2026-12-01), so only AMX CPUs get the larger tree. fp32 and the quantized
-# kernels pay per row everywhere: in fp32 16 tokens fell to 1.12x from 1.22x (6 prompts), so they keep DEFAULTS.
+# 12 and 1.61x at τ 2.24 with 8 (2026-12-01), so only AMX CPUs get the larger tree. The quantized kernels
+# pay per row everywhere and keep DEFAULTS.
 HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
+# An fp32 target on a CPU runs Inductor's C++ GEMM template (GEMM_TEMPLATE_OPTIONS in generate.py), whose fp32
+# kernels cost about one plain step for up to 4 rows and jump at the fifth (AMD EPYC without AMX, 2026-12-02:
+# 5 MT-bench prompts in one process, plain decoding 42.9 tok/s; EAGLE with 3 tokens 1.93x at τ 1.92, 4 tokens
+# 1.84-1.90x at τ 2.01-2.08, 5 tokens 1.34x at τ 2.21; in another run 6 tokens 1.15x, 8 0.98x, 12 0.89x at τ 2.62).
+# 4 tokens is root + 3, so depth 3 is the deepest path it can hold. On the Xeons (earlier runs) fp32 16 tokens
+# had fallen to 1.12x from 1.22x at 12; 4 tokens were not measured there.
+FP32_CPU_TREE = dict(depth=3, topk=2, tokens=4)
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # On a CPU the draft head is a memory-bound matmul over the draft vocabulary, paid at every tree depth
 # (~0.5 ms a depth for 12288 rows of 576 in bf16 here). With the previous SmolLM2 draft (12288 trained),
@@ -571,10 +578,15 @@ SHIPPED_DRAFT = "eagle_draft.pth"   # --speculate without --draft looks for this
 
 
 def default_tree(tree: str, target, device) -> dict:
-    """Depth, top-k and token budget for `tree` when the user gives none (see DEFAULTS, HALF_CPU_TREE)."""
-    from generate import gemm_template_pays       # True for fp32 and weight-only quantized linears
-    if tree in ("dynamic", "static") and torch.device(device).type == "cpu" and not gemm_template_pays(target) \
-            and cpu_has_amx():
+    """Depth, top-k and token budget for `tree` when the user gives none (see DEFAULTS, HALF_CPU_TREE,
+    FP32_CPU_TREE)."""
+    from generate import linear_kind
+    if tree not in ("dynamic", "static") or torch.device(device).type != "cpu":
+        return DEFAULTS[tree]
+    kind = linear_kind(target)
+    if kind == "fp32":
+        return FP32_CPU_TREE
+    if kind == "half" and cpu_has_amx():
         return HALF_CPU_TREE
     return DEFAULTS[tree]
 

@@ -447,14 +447,17 @@ def test_cpu_default_draft_vocab(target, tmp_path, monkeypatch):
 
 def test_default_tree_follows_the_verify_cost_of_the_precision(target, monkeypatch):
     """On a CPU with AMX a bf16 target verifies 16 rows for the price of 12 (AMX tiles), so its default tree
-    is larger; without AMX, and for fp32 and weight-only quantized targets, every row costs and the smaller
-    tree stays."""
+    is larger; without AMX, and for weight-only quantized targets, every row costs and DEFAULTS stay; an fp32
+    target on a CPU (whose GEMM kernels jump in cost after 4 rows) gets the 4-token tree, on CUDA DEFAULTS."""
     import quantize
     half = copy.deepcopy(target).to(torch.bfloat16)
     monkeypatch.setattr(SP, "cpu_has_amx", lambda: False)
     assert SP.default_tree("dynamic", half, "cpu") == SP.DEFAULTS["dynamic"]
     monkeypatch.setattr(SP, "cpu_has_amx", lambda: True)
-    assert SP.default_tree("dynamic", target, "cpu") == SP.DEFAULTS["dynamic"]          # fp32
+    assert SP.default_tree("dynamic", target, "cpu") == SP.FP32_CPU_TREE                # fp32
+    assert SP.default_tree("static", target, "cpu") == SP.FP32_CPU_TREE
+    assert SP.default_tree("chain", target, "cpu") == SP.DEFAULTS["chain"]
+    assert SP.default_tree("dynamic", target, "cuda") == SP.DEFAULTS["dynamic"]
     assert SP.default_tree("dynamic", half, "cpu") == SP.HALF_CPU_TREE
     assert SP.default_tree("static", half, "cpu") == SP.HALF_CPU_TREE
     assert SP.default_tree("chain", half, "cpu") == SP.DEFAULTS["chain"]
@@ -464,3 +467,6 @@ def test_default_tree_follows_the_verify_cost_of_the_precision(target, monkeypat
     d = E.EagleDraft(half.args).bind_target(half)
     dr = E.EagleDrafter(d, "dynamic", **SP.HALF_CPU_TREE)
     assert dr.N == SP.HALF_CPU_TREE["tokens"]
+    for kind in ("dynamic", "static"):     # root + 3: a static tree of top-2 children trims to depth 2
+        small = E.EagleDrafter(E.EagleDraft(target.args).bind_target(target), kind, **SP.FP32_CPU_TREE)
+        assert small.N == SP.FP32_CPU_TREE["tokens"] and small.max_depth <= SP.FP32_CPU_TREE["depth"]
