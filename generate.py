@@ -151,8 +151,7 @@ def _undecided_half(model) -> bool:
     """A model with half-precision nn.Linear weights whose CPU matmul kernels choose_half_gemm has not chosen."""
     if model is None or hasattr(model, "half_gemm_template"):
         return False
-    lin = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
-    return lin is not None and lin.weight.dtype in (torch.bfloat16, torch.float16) and hasattr(model, "causal_rows")
+    return linear_kind(model) == "half" and hasattr(model, "causal_rows")
 
 
 # Two names for the same decode step, so that the two candidates choose_half_gemm compiles are separate
