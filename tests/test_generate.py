@@ -314,7 +314,7 @@ def test_few_rows_attention_matches_sdpa():
     import torch.nn.functional as F
     import model as M
     g = torch.Generator().manual_seed(0)
-    B, H, R, W, D = 2, 3, 4, 70, 16
+    B, H, R, W, D = 2, 3, M.FEW_ROWS, 70, 16
     mask = torch.rand(B, 1, R, W, generator=g) < 0.6
     mask[..., 0] = True                        # every row sees at least one slot
     fused = torch.compile(M.few_rows_attention, fullgraph=True, dynamic=False)
