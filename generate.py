@@ -122,9 +122,8 @@ def _on_cuda(device) -> bool:
 # For bf16/fp16 weights the winner depends on the machine: oneDNN's prepacked linear was faster on one
 # 2-core "AMD EPYC" (80 vs 62 tok/s, 2026-11-23), the template on another of the same name (73-75 vs 41-46
 # tok/s, 2026-12-01, an AVX512-BF16 Zen 4 without AMX). So compile_decode times both on the model itself
-# (choose_half_gemm). The choice is the decode step's only; the verify and draft steps of a half-precision
-# model keep oneDNN, untimed: on that second machine bf16 EAGLE ran at 69.7 tok/s all-oneDNN, 63.6 with the
-# template everywhere and 61.5 with it in decode only (8 MT-bench prompts, separate runs: within its noise).
+# (choose_half_gemm). That choice is the decode step's; a speculative verify of N tree tokens is timed the
+# same way at its own N (speculative.choose_half_verify), since the kernel that wins one row need not win N.
 GEMM_TEMPLATE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                          # keep the autotuner's per-matmul timing tables off the user's stderr
                          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
@@ -177,20 +176,31 @@ def choose_half_gemm(model, reps: int = 7):
     pos = torch.zeros(1, dtype=torch.long, device=dev)
     steps = {True: compile_step(_decode_with_template, model, dev, template=True),
              False: compile_step(_decode_with_library, model, dev, template=False)}
-    times = {True: [], False: []}
-    with torch.no_grad():
-        for _ in range(reps + 1):        # the first round compiles
-            for template, step in steps.items():
-                t = time.perf_counter()
-                step(model, cur, pos, 0.0, None, None, model.causal_rows(0, 1))
-                times[template].append(time.perf_counter() - t)
-    median = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
+    median = time_candidates(steps, lambda step: step(model, cur, pos, 0.0, None, None, model.causal_rows(0, 1)),
+                             reps)
     model.half_gemm_template = median[True] < median[False]
-    loser = _decode_with_library if model.half_gemm_template else _decode_with_template
-    reset_code = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
-    if reset_code is not None:           # free the losing graph's packed copy of the weights
-        reset_code(loser.__code__)
+    drop_compiled(_decode_with_library if model.half_gemm_template else _decode_with_template)
     return steps[model.half_gemm_template]
+
+
+def drop_compiled(fn) -> None:
+    """Forget fn's compiled entries, freeing a losing candidate's graph and its packed copy of the weights."""
+    reset_code = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
+    if reset_code is not None:
+        reset_code(fn.__code__)
+
+
+def time_candidates(steps: dict, call, reps: int = 7) -> dict:
+    """{key: median seconds of call(step)} for compiled candidates {key: step}, timed interleaved on a
+    noisy machine; the first round compiles and is not counted."""
+    times = {k: [] for k in steps}
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            for k, step in steps.items():
+                t = time.perf_counter()
+                call(step)
+                times[k].append(time.perf_counter() - t)
+    return {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
 
 
 def compile_step(fn, model=None, device: Optional[str] = None, mode: str = "default",

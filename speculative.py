@@ -549,16 +549,20 @@ DEFAULTS = {"dynamic": dict(depth=5, topk=4, tokens=12), "static": dict(depth=5,
 # 16 tokens gave τ 2.49 at 43.3 ms a round against 2.41 at 42.2 ms for the 12-token tree (2.09x vs 2.08x plain
 # decoding), and 24 tokens τ 2.56 but 54.4 ms (1.71x). Without AMX (AMD EPYC: AVX512-BF16 dot products) bf16
 # pays per row like fp32: there the same 8 prompts gave 1.32x at τ 2.59 with 16 tokens, 1.61x at τ 2.44 with
-# 12 and 1.61x at τ 2.24 with 8 (2026-12-01), so only AMX CPUs get the larger tree. The quantized kernels
-# pay per row everywhere and keep DEFAULTS.
+# 12 and 1.61x at τ 2.24 with 8 (2026-12-01), so only AMX CPUs get the larger tree (and those without get
+# SMALL_CPU_TREE, below). The quantized kernels pay per row everywhere and keep DEFAULTS (not remeasured).
 HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
 # An fp32 target on a CPU runs Inductor's C++ GEMM template (GEMM_TEMPLATE_OPTIONS in generate.py), whose fp32
 # kernels cost about one plain step for up to 4 rows and jump at the fifth (AMD EPYC without AMX, 2026-12-02:
 # 5 MT-bench prompts in one process, plain decoding 42.9 tok/s; EAGLE with 3 tokens 1.93x at τ 1.92, 4 tokens
 # 1.84-1.90x at τ 2.01-2.08, 5 tokens 1.34x at τ 2.21; in another run 6 tokens 1.15x, 8 0.98x, 12 0.89x at τ 2.62).
 # 4 tokens is root + 3, so depth 3 is the deepest path it can hold. On the Xeons (earlier runs) fp32 16 tokens
-# had fallen to 1.12x from 1.22x at 12; 4 tokens were not measured there.
-FP32_CPU_TREE = dict(depth=3, topk=2, tokens=4)
+# had fallen to 1.12x from 1.22x at 12; 4 tokens were not measured there. A bf16 target without AMX gets the
+# same tree: its template kernels also compute in fp32 FMAs (19-20 ms a forward at 2-4 rows, 32-33 at 8-16,
+# 12.3 at one), and with the verify's kernel timed at the tree's size (choose_half_verify) the same EPYC gave
+# 1.15x at τ 1.93 with 4 tokens against 0.90x at τ 2.52 with 12 (6 MT-bench prompts, one process, plain bf16
+# decoding 83.5 tok/s; 12 tokens with an untimed oneDNN verify had given 0.77x).
+SMALL_CPU_TREE = dict(depth=3, topk=2, tokens=4)
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # On a CPU the draft head is a memory-bound matmul over the draft vocabulary, paid at every tree depth
 # (~0.5 ms a depth for 12288 rows of 576 in bf16 here). With the previous SmolLM2 draft (12288 trained),
@@ -579,16 +583,14 @@ SHIPPED_DRAFT = "eagle_draft.pth"   # --speculate without --draft looks for this
 
 def default_tree(tree: str, target, device) -> dict:
     """Depth, top-k and token budget for `tree` when the user gives none (see DEFAULTS, HALF_CPU_TREE,
-    FP32_CPU_TREE)."""
+    SMALL_CPU_TREE)."""
     from generate import linear_kind
     if tree not in ("dynamic", "static") or torch.device(device).type != "cpu":
         return DEFAULTS[tree]
     kind = linear_kind(target)
-    if kind == "fp32":
-        return FP32_CPU_TREE
-    if kind == "half" and cpu_has_amx():
-        return HALF_CPU_TREE
-    return DEFAULTS[tree]
+    if kind == "half":
+        return HALF_CPU_TREE if cpu_has_amx() else SMALL_CPU_TREE
+    return SMALL_CPU_TREE if kind == "fp32" else DEFAULTS[tree]
 
 
 def cpu_has_amx() -> bool:
@@ -723,9 +725,56 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     else:
         raise UserError(f"unknown speculative method {method!r} (eagle, draft, lookup)")
     if compile:
-        d.verify_step = compile_step(verify_and_accept, target, device)
+        d.verify_step = compile_verify(target, d, device)
         d.plain_forward = compile_step(_plain_step, target, device)
     return d
+
+
+def compile_verify(target, drafter, device):
+    """The drafter's compiled verify_and_accept. A half-precision target on a CPU gets the faster of its two
+    matmul kernels at the drafter's tree size (choose_half_verify); others get compile_step's."""
+    from generate import compile_step, linear_kind
+    if torch.device(device).type == "cpu" and linear_kind(target) == "half":
+        return choose_half_verify(target, drafter)
+    return compile_step(verify_and_accept, target, device)
+
+
+# Two names for the same verify, so that choose_half_verify's candidates are separate Dynamo cache entries.
+def _verify_with_template(*args):
+    return verify_and_accept(*args)
+
+
+def _verify_with_library(*args):
+    return verify_and_accept(*args)
+
+
+def choose_half_verify(target, drafter, reps: int = 5):
+    """Compile the verify of a bf16/fp16 CPU target with Inductor's C++ GEMM template and with oneDNN, time
+    both on a greedy tree of the drafter's size, keep the faster. The kernel that wins one row (the decode
+    step's choice, generate.choose_half_gemm) need not win N: on an AMD EPYC without AMX (2026-12-02) the
+    template's bf16 forward cost 12.3 ms at 1 token, 19-20 at 2-4 and 32-33 at 8-16, oneDNN's 22.3 at 1 and
+    41.0 at 12. Costs one extra compilation per target and tree size. Leaves the target's cache dirty (the
+    next prefill overwrites it); sets up a small one if there is none."""
+    from generate import CACHE_ROUNDING, compile_step, drop_compiled, time_candidates
+    if target.max_seq_length <= 0:
+        target.setup_caches(1, CACHE_ROUNDING)
+    dev = target.tok_embeddings.weight.device
+    N = drafter.N
+    # the shape a greedy round's tree has (Dynamo specializes on max_depth and the children table's width)
+    depth, width = (drafter.plan.depth, drafter.plan.K) if hasattr(drafter, "plan") else (N - 1, 1)
+    ar = torch.arange(N, device=dev)
+    tree = make_tree(torch.zeros(N, dtype=torch.long, device=dev), (ar - 1).clamp(min=0),
+                     torch.ones(N, dtype=torch.bool, device=dev), depth, width)
+    S = target.max_seq_length
+    L = torch.tensor(max(0, min(S // 2, S - N - 1)), device=dev)
+    cols = width_cols(M.visible_width(int(L) + N, S, dev), dev)
+    steps = {True: compile_step(_verify_with_template, target, dev, template=True),
+             False: compile_step(_verify_with_library, target, dev, template=False)}
+    median = time_candidates(steps, lambda step: step(target, tree, L, cols, 0.0, None, None)[-1].tolist(), reps)
+    template = median[True] < median[False]
+    drop_compiled(_verify_with_library if template else _verify_with_template)
+    drafter.verify_template = template
+    return steps[template]
 
 
 def main(argv=None):

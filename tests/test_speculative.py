@@ -447,15 +447,16 @@ def test_cpu_default_draft_vocab(target, tmp_path, monkeypatch):
 
 def test_default_tree_follows_the_verify_cost_of_the_precision(target, monkeypatch):
     """On a CPU with AMX a bf16 target verifies 16 rows for the price of 12 (AMX tiles), so its default tree
-    is larger; without AMX, and for weight-only quantized targets, every row costs and DEFAULTS stay; an fp32
-    target on a CPU (whose GEMM kernels jump in cost after 4 rows) gets the 4-token tree, on CUDA DEFAULTS."""
+    is larger; without AMX, and for fp32 targets on a CPU, the GEMM kernels pay per row (a jump after 4) and
+    the 4-token tree is the default; weight-only quantized targets keep DEFAULTS, and so does CUDA."""
     import quantize
     half = copy.deepcopy(target).to(torch.bfloat16)
     monkeypatch.setattr(SP, "cpu_has_amx", lambda: False)
-    assert SP.default_tree("dynamic", half, "cpu") == SP.DEFAULTS["dynamic"]
+    assert SP.default_tree("dynamic", half, "cpu") == SP.SMALL_CPU_TREE
+    assert SP.default_tree("chain", half, "cpu") == SP.DEFAULTS["chain"]
     monkeypatch.setattr(SP, "cpu_has_amx", lambda: True)
-    assert SP.default_tree("dynamic", target, "cpu") == SP.FP32_CPU_TREE                # fp32
-    assert SP.default_tree("static", target, "cpu") == SP.FP32_CPU_TREE
+    assert SP.default_tree("dynamic", target, "cpu") == SP.SMALL_CPU_TREE                # fp32
+    assert SP.default_tree("static", target, "cpu") == SP.SMALL_CPU_TREE
     assert SP.default_tree("chain", target, "cpu") == SP.DEFAULTS["chain"]
     assert SP.default_tree("dynamic", target, "cuda") == SP.DEFAULTS["dynamic"]
     assert SP.default_tree("dynamic", half, "cpu") == SP.HALF_CPU_TREE
@@ -468,5 +469,42 @@ def test_default_tree_follows_the_verify_cost_of_the_precision(target, monkeypat
     dr = E.EagleDrafter(d, "dynamic", **SP.HALF_CPU_TREE)
     assert dr.N == SP.HALF_CPU_TREE["tokens"]
     for kind in ("dynamic", "static"):     # root + 3: a static tree of top-2 children trims to depth 2
-        small = E.EagleDrafter(E.EagleDraft(target.args).bind_target(target), kind, **SP.FP32_CPU_TREE)
-        assert small.N == SP.FP32_CPU_TREE["tokens"] and small.max_depth <= SP.FP32_CPU_TREE["depth"]
+        small = E.EagleDrafter(E.EagleDraft(target.args).bind_target(target), kind, **SP.SMALL_CPU_TREE)
+        assert small.N == SP.SMALL_CPU_TREE["tokens"] and small.max_depth <= SP.SMALL_CPU_TREE["depth"]
+
+
+@pytest.mark.parametrize("slow", ["library", "template"])
+def test_half_precision_verify_times_both_kernels_and_keeps_the_faster(target, trained, monkeypatch, slow):
+    """A bf16 CPU target's compiled verify is chosen by timing the GEMM template against oneDNN on a tree of
+    the drafter's shape (here rigged: one candidate's calls are made slow); the kept graph is the one real
+    rounds run (no recompilation) and they stay lossless against the same target decoding plainly."""
+    import time
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    half = copy.deepcopy(target).to(torch.bfloat16)
+    half.setup_caches(1, 128)
+    prompt = _prompts(3, 1)[0]
+    ref = greedy_reference(half, prompt, 16)
+    dr = E.EagleDrafter(copy.deepcopy(trained).to(torch.bfloat16).bind_target(half), "dynamic",
+                        **SP.SMALL_CPU_TREE, compile=True)
+    real_compile = torch.compile
+
+    def rigged_compile(fn, **kw):
+        step = real_compile(fn, **kw)
+        if fn is not getattr(SP, f"_verify_with_{slow}"):
+            return step
+
+        def delayed(*a, **k):
+            time.sleep(0.05)
+            return step(*a, **k)
+        return delayed
+    monkeypatch.setattr(torch, "compile", rigged_compile)
+    try:
+        dr.verify_step = SP.compile_verify(half, dr, "cpu")
+        assert dr.verify_template is (slow == "library")
+        counters.clear()
+        got, st = SP.speculative_generate(half, dr, prompt, 16)
+        assert not counters["recompiles"] and st["rounds"] > 1
+        assert got[:8] == ref[:8]     # bf16 kernels round differently: near-ties may flip later
+    finally:
+        torch._dynamo.reset()
