@@ -550,7 +550,7 @@ DEFAULTS = {"dynamic": dict(depth=5, topk=4, tokens=12), "static": dict(depth=5,
 # decoding), and 24 tokens τ 2.56 but 54.4 ms (1.71x). Without AMX (AMD EPYC: AVX512-BF16 dot products) bf16
 # pays per row like fp32: there the same 8 prompts gave 1.32x at τ 2.59 with 16 tokens, 1.61x at τ 2.44 with
 # 12 and 1.61x at τ 2.24 with 8 (2026-12-01), so only AMX CPUs get the larger tree (and those without get
-# SMALL_CPU_TREE, below). The quantized kernels pay per row everywhere and keep DEFAULTS (not remeasured).
+# SMALL_CPU_TREE, below).
 HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
 # An fp32 target on a CPU runs Inductor's C++ GEMM template (GEMM_TEMPLATE_OPTIONS in generate.py), whose fp32
 # kernels cost about one plain step for up to 4 rows and jump at the fifth (AMD EPYC without AMX, 2026-12-02:
@@ -561,7 +561,9 @@ HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
 # same tree: its template kernels also compute in fp32 FMAs (19-20 ms a forward at 2-4 rows, 32-33 at 8-16,
 # 12.3 at one), and with the verify's kernel timed at the tree's size (choose_half_verify) the same EPYC gave
 # 1.15x at τ 1.93 with 4 tokens against 0.90x at τ 2.52 with 12 (6 MT-bench prompts, one process, plain bf16
-# decoding 83.5 tok/s; 12 tokens with an untimed oneDNN verify had given 0.77x).
+# decoding 83.5 tok/s; 12 tokens with an untimed oneDNN verify had given 0.77x). Weight-only int8/int4 targets
+# get it too, their kernels paying per row as well: int8 on that EPYC gave 0.93x at τ 2.19 with 4 tokens against
+# 0.56x at τ 2.64 with 12 (5 prompts, one process, plain int8 decoding 115.5 tok/s); still below plain decoding.
 SMALL_CPU_TREE = dict(depth=3, topk=2, tokens=4)
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # On a CPU the draft head is a memory-bound matmul over the draft vocabulary, paid at every tree depth
@@ -588,9 +590,7 @@ def default_tree(tree: str, target, device) -> dict:
     if tree not in ("dynamic", "static") or torch.device(device).type != "cpu":
         return DEFAULTS[tree]
     kind = linear_kind(target)
-    if kind == "half":
-        return HALF_CPU_TREE if cpu_has_amx() else SMALL_CPU_TREE
-    return SMALL_CPU_TREE if kind == "fp32" else DEFAULTS[tree]
+    return HALF_CPU_TREE if kind == "half" and cpu_has_amx() else SMALL_CPU_TREE
 
 
 def cpu_has_amx() -> bool:

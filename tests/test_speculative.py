@@ -448,7 +448,7 @@ def test_cpu_default_draft_vocab(target, tmp_path, monkeypatch):
 def test_default_tree_follows_the_verify_cost_of_the_precision(target, monkeypatch):
     """On a CPU with AMX a bf16 target verifies 16 rows for the price of 12 (AMX tiles), so its default tree
     is larger; without AMX, and for fp32 targets on a CPU, the GEMM kernels pay per row (a jump after 4) and
-    the 4-token tree is the default; weight-only quantized targets keep DEFAULTS, and so does CUDA."""
+    the 4-token tree is the default, as for weight-only quantized targets; CUDA keeps DEFAULTS."""
     import quantize
     half = copy.deepcopy(target).to(torch.bfloat16)
     monkeypatch.setattr(SP, "cpu_has_amx", lambda: False)
@@ -464,7 +464,8 @@ def test_default_tree_follows_the_verify_cost_of_the_precision(target, monkeypat
     assert SP.default_tree("chain", half, "cpu") == SP.DEFAULTS["chain"]
     assert SP.default_tree("dynamic", half, "cuda") == SP.DEFAULTS["dynamic"]
     q = quantize.quantize_module(copy.deepcopy(half), "int8")
-    assert SP.default_tree("dynamic", q, "cpu") == SP.DEFAULTS["dynamic"]
+    assert SP.default_tree("dynamic", q, "cpu") == SP.SMALL_CPU_TREE
+    assert SP.default_tree("dynamic", q, "cuda") == SP.DEFAULTS["dynamic"]
     d = E.EagleDraft(half.args).bind_target(half)
     dr = E.EagleDrafter(d, "dynamic", **SP.HALF_CPU_TREE)
     assert dr.N == SP.HALF_CPU_TREE["tokens"]
