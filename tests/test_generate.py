@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -281,18 +280,7 @@ def test_half_precision_decode_times_both_kernels_and_keeps_the_faster(tiny_ckpt
     m.setup_caches(1, 256)
     generate.use_eager()
     eager, _ = generate.generate(m, prompt, 24)
-    real_compile = torch.compile
-
-    def rigged_compile(fn, **kw):
-        step = real_compile(fn, **kw)
-        if fn is not getattr(generate, f"_decode_with_{slow}"):
-            return step
-
-        def delayed(*a, **k):
-            time.sleep(0.05)
-            return step(*a, **k)
-        return delayed
-    monkeypatch.setattr(torch, "compile", rigged_compile)
+    tiny.slow_down_compiled(monkeypatch, getattr(generate, f"_decode_with_{slow}"))
     try:
         torch._dynamo.reset()
         step = generate.compile_decode(model=m)

@@ -9,7 +9,7 @@ import torch
 import eagle_draft as E
 import speculative as SP
 from model import ModelArgs, Transformer
-from tiny import tiny_config
+from tiny import slow_down_compiled, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -479,7 +479,6 @@ def test_half_precision_verify_times_both_kernels_and_keeps_the_faster(target, t
     """A bf16 CPU target's compiled verify is chosen by timing the GEMM template against oneDNN on a tree of
     the drafter's shape (here rigged: one candidate's calls are made slow); the kept graph is the one real
     rounds run (no recompilation) and they stay lossless against the same target decoding plainly."""
-    import time
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     half = copy.deepcopy(target).to(torch.bfloat16)
@@ -488,18 +487,7 @@ def test_half_precision_verify_times_both_kernels_and_keeps_the_faster(target, t
     ref = greedy_reference(half, prompt, 16)
     dr = E.EagleDrafter(copy.deepcopy(trained).to(torch.bfloat16).bind_target(half), "dynamic",
                         **SP.SMALL_CPU_TREE, compile=True)
-    real_compile = torch.compile
-
-    def rigged_compile(fn, **kw):
-        step = real_compile(fn, **kw)
-        if fn is not getattr(SP, f"_verify_with_{slow}"):
-            return step
-
-        def delayed(*a, **k):
-            time.sleep(0.05)
-            return step(*a, **k)
-        return delayed
-    monkeypatch.setattr(torch, "compile", rigged_compile)
+    slow_down_compiled(monkeypatch, getattr(SP, f"_verify_with_{slow}"))
     try:
         dr.verify_step = SP.compile_verify(half, dr, "cpu")
         assert dr.verify_template is (slow == "library")

@@ -43,3 +43,21 @@ def write_checkpoint(path, cfg=None, seed=0, **kw):
     atomic_save({"eaglet": 1, "kind": "target", "config": cfg, "quantization": None,
                  "state_dict": our_state_dict(hf, cfg)}, path)
     return path, hf, cfg
+
+
+def slow_down_compiled(monkeypatch, slow_fn, delay: float = 0.05) -> None:
+    """Rig torch.compile so that the step compiled from `slow_fn` sleeps `delay` s per call: a kernel choice
+    that times compiled candidates (choose_half_gemm, choose_half_verify) must then keep the other one."""
+    import time
+    real_compile = torch.compile
+
+    def rigged_compile(fn, **kw):
+        step = real_compile(fn, **kw)
+        if fn is not slow_fn:
+            return step
+
+        def delayed(*a, **k):
+            time.sleep(delay)
+            return step(*a, **k)
+        return delayed
+    monkeypatch.setattr(torch, "compile", rigged_compile)
