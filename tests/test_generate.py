@@ -269,6 +269,32 @@ def test_gemm_template_choice():
     assert not generate.gemm_template_pays(None)
 
 
+def test_gemm_micro_kernels_are_forced_inline():
+    """generate.inline_gemm_micro_kernels patches the text of Inductor's GEMM template: pin that it applies
+    to the PyTorch this project pins (a reworded template would silently lose the fix), reaches the code a
+    five-row fp32 matmul compiles to (a row count whose kernel GCC left out of line), keeps its result, and
+    is in the FX-graph cache key."""
+    generate.cpu_inductor_settings()   # frozen weights: what the template needs; applies the patch
+    import torch._inductor.config as inductor_config
+    from torch._inductor.codegen import cpp_micro_gemm   # after the line above: Inductor's import order
+    from torch._inductor.utils import run_and_get_code
+    assert generate.inline_gemm_micro_kernels() and generate.inline_gemm_micro_kernels()   # idempotent
+    for cls in (cpp_micro_gemm.CppMicroGemmFP32Vec, cpp_micro_gemm.CppMicroGemmWoQInt4Avx512):
+        assert generate._MICRO_GEMM_DECL not in cls.TEMPLATE_KERNEL
+        assert generate._MICRO_GEMM_INLINE in cls.TEMPLATE_KERNEL
+    assert inductor_config.post_grad_custom_post_pass.uuid()
+    lin = torch.nn.Linear(64, 96, bias=False)
+    x = torch.randn(5, 64)
+    torch._dynamo.reset()
+    options = dict(generate.GEMM_TEMPLATE_OPTIONS, max_autotune_gemm_backends="CPP")
+    with torch.no_grad():
+        y, codes = run_and_get_code(torch.compile(lin, fullgraph=True, options=options), x)
+        torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+    code = "\n".join(codes)
+    assert "micro_gemm" in code and "__attribute__((always_inline)) inline void" in code
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("slow", ["library", "template"])
 def test_half_precision_decode_times_both_kernels_and_keeps_the_faster(tiny_ckpt, monkeypatch, slow):
     """compile_decode on a bf16 CPU model compiles the step both ways, keeps the one its timings favour
