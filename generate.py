@@ -241,15 +241,15 @@ def cpu_inductor_settings() -> None:
     inline_gemm_micro_kernels()
 
 
-# Inductor's C++ GEMM template (fp32 compute: fp32 and bf16/fp16 weights without AMX, weight-only int8/int4)
-# runs a register-blocked micro-kernel per row count (1..8 rows). Each is declared plain `inline`, and
-# GCC 12 inlines only the smaller ones: the others stay out-of-line functions whose accumulators array GCC
-# also keeps on the stack, one 64-byte store per FMA in the inner loop (seen in the assembly). On an AMD
-# EPYC (2026-12-02) that was most of the "cost jumps at the fifth row" of the fp32 verify: 30 SmolLM2 MLPs in
-# fp32 cost 8.4 ms at 4 rows, 11.6 at 5, 16.0 at 8 before, and 7.7 / 8.2 / 9.9 ms with the kernels forced
-# inline (one process, medians of 25); bf16 weights 6.9 -> 4.8 ms at 4 rows. In the compiled SmolLM2 fp32
-# forward over 8 tokens: 52.6 -> 31.8 ms, with 4 tokens unchanged (24.8 / 25.4; one process, medians of
-# 20). Forcing them inline changes no arithmetic, only where the accumulators live.
+# Inductor's C++ GEMM template (fp32 compute: fp32 and bf16/fp16 weights without AMX, weight-only int8/int4) runs
+# a register-blocked micro-kernel per row count (1..8 rows). Each is declared plain `inline`, and GCC 12 inlines
+# only the smaller ones: the others stay out-of-line functions whose accumulators array GCC also keeps on the
+# stack, one 64-byte store per FMA in the inner loop (seen in the assembly). On an AMD EPYC (2026-12-02) that was
+# most of the "cost jumps at the fifth row" of the fp32 verify: 30 SmolLM2 MLPs in fp32 cost 8.4 ms at 4 rows,
+# 11.6 at 5, 16.0 at 8 before, and 7.7 / 8.2 / 9.9 ms with the kernels forced inline (one process, medians of 25);
+# bf16 weights 6.9 -> 4.8 ms at 4 rows (two processes: noisier). In the compiled SmolLM2 fp32 forward over 8
+# tokens: 52.6 -> 31.8 ms, with 4 tokens unchanged (24.8 / 25.4; one process, medians of 20). Forcing them inline
+# changes no arithmetic, only where the accumulators live.
 _MICRO_GEMM_DECL = "\ninline void {{kernel_name}}"
 _MICRO_GEMM_INLINE = "\n__attribute__((always_inline)) inline void {{kernel_name}}"
 

@@ -561,15 +561,16 @@ HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
 # the same EPYC's compiled fp32 forward cost 25.4 ms at 4 tokens and 31.8 at 8 (52.6 before; one process,
 # medians of 20), yet 4 tokens stayed the best tree (2026-12-02, 5 MT-bench prompts, one process, plain
 # decoding 48.1 tok/s: 4 tokens 1.80x at τ 2.08, 6 tokens 1.72x at τ 2.29, 8 tokens 1.47x at τ 2.37). On the
-# Xeons (earlier runs) fp32 16 tokens had fallen to 1.12x from 1.22x at 12; 4 tokens were not measured there. A bf16 target without AMX gets the
-# same tree: its template kernels also compute in fp32 FMAs (19-20 ms a forward at 2-4 rows, 32-33 at 8-16,
-# 12.3 at one), and with the verify's kernel timed at the tree's size (choose_half_verify) the same EPYC gave
-# 1.15x at τ 1.93 with 4 tokens against 0.90x at τ 2.52 with 12 (6 MT-bench prompts, one process, plain bf16
-# decoding 83.5 tok/s; 12 tokens with an untimed oneDNN verify had given 0.77x). Weight-only int8/int4 targets
-# get it too, their kernels paying per row as well: int8 on that EPYC gave 0.93x at τ 2.19 with 4 tokens against
-# 0.56x at τ 2.64 with 12 (5 prompts, one process, plain int8 decoding 115.5 tok/s); still below plain decoding.
-# With the micro-kernels inline, bf16 there gave 1.01x at τ 1.95 with 4 tokens and 0.87x at τ 2.29 with 6
-# (5 prompts, one process, plain bf16 decoding 92.2 tok/s): its 4-token round still costs ~2 plain steps.
+# Xeons (earlier runs) fp32 16 tokens had fallen to 1.12x from 1.22x at 12; 4 tokens were not measured there.
+# A bf16 target without AMX gets the same tree: its template kernels also compute in fp32 FMAs (19-20 ms a forward
+# at 2-4 rows, 32-33 at 8-16, 12.3 at one), and with the verify's kernel timed at the tree's size
+# (choose_half_verify) the same EPYC gave 1.15x at τ 1.93 with 4 tokens against 0.90x at τ 2.52 with 12 (6
+# MT-bench prompts, one process, plain bf16 decoding 83.5 tok/s; 12 tokens with an untimed oneDNN verify had given
+# 0.77x). Weight-only int8/int4 targets get it too, their kernels paying per row as well: int8 on that EPYC gave
+# 0.93x at τ 2.19 with 4 tokens against 0.56x at τ 2.64 with 12 (5 prompts, one process, plain int8 decoding 115.5
+# tok/s); still below plain decoding. With the micro-kernels inline, bf16 there gave 1.01x at τ 1.95 with 4 tokens
+# and 0.87x at τ 2.29 with 6 (5 prompts, one process, plain bf16 decoding 92.2 tok/s): its 4-token round still
+# costs ~2 plain steps.
 SMALL_CPU_TREE = dict(depth=3, topk=2, tokens=4)
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # On a CPU the draft head is a memory-bound matmul over the draft vocabulary, paid at every tree depth
