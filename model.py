@@ -151,10 +151,28 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     cache (nothing [rows, width, head_dim]-sized is materialized when compiled). On the 2-core AVX-512 CPU this
     was built on, for a decode step of SmolLM2-135M (3 rows per kv head, 320 visible slots, 30 layers) it took
     0.47 ms against SDPA's 1.14 ms, whose per-call set-up dominates at this size; from ~16 rows on SDPA wins.
-    Scores and softmax in fp32, as SDPA's CPU kernel does."""
-    s = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * (q.shape[-1] ** -0.5)
-    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (p.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)
+    Scores and softmax in fp32, as SDPA's CPU kernel does.
+
+    Two things keep the loop over cache slots lean (AMD EPYC, 2026-12-02, one layer of a 4-token SmolLM2 verify:
+    12 rows per kv head, 256 slots, compiled, medians of 400 interleaved calls: bf16 146 -> 96 µs, fp32 113 ->
+    97 µs; a decode step's 3 rows 42 -> 37 µs in bf16): q is scaled and put in a buffer of its own first
+    (_realized), else Inductor inlines q's RoPE, casts and GQA reshape into the score loop and recomputes them
+    for every slot; and the softmax's division comes after the sum over values (rows x head_dim divisions,
+    not one per slot)."""
+    dtype = q.dtype
+    q = _realized(q.float() * (q.shape[-1] ** -0.5))
+    s = (q.unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1).masked_fill(~mask, float("-inf"))
+    e = (s - s.amax(-1, keepdim=True)).exp()
+    return ((e.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2) / e.sum(-1, keepdim=True)).to(dtype)
+
+
+def _realized(x: Tensor) -> Tensor:
+    """x, computed into a buffer of its own by Inductor instead of recomputed inside each loop that reads it.
+    (Inductor's stride-forcing prim realizes its input; eagerly it is a no-op for an x with these strides.)"""
+    if x.requires_grad:     # the prim has no autograd formula; a graph that trains keeps the inlined form
+        return x
+    from torch._inductor import inductor_prims  # noqa: F401  (registers the prim; compiling imports it anyway)
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
 class KVCache(nn.Module):

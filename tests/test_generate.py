@@ -340,6 +340,29 @@ def test_few_rows_attention_matches_sdpa():
         assert (out.float() - ref).abs().max().item() < tol
 
 
+def test_realized_query_is_computed_once_not_per_cache_slot():
+    """model._realized must make Inductor store q in a buffer of its own: if the prim stops doing that (a
+    PyTorch upgrade), q's RoPE moves back into the score loop, recomputed for every slot, and attention in
+    a verify gets ~1.5x slower without any test noticing. Counted as buffers the compiled code allocates."""
+    from torch._inductor.utils import run_and_get_code
+    import model as M
+    g = torch.Generator().manual_seed(0)
+    q, cos, sin = (torch.randn(1, 3, 4, 16, generator=g) for _ in range(3))
+    k = torch.randn(1, 3, 64, 16, generator=g)
+
+    def scores(realize):
+        def f(q, cos, sin, k):
+            qr = M.apply_rope(q, cos, sin)
+            qr = M._realized(qr) if realize else qr
+            return (qr.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1).softmax(-1)
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), q, cos, sin, k)
+        return out, "\n".join(codes).count("empty_strided_cpu(")
+    (plain, n_plain), (realized, n_realized) = scores(False), scores(True)
+    torch.testing.assert_close(plain, realized)
+    assert n_realized == n_plain + 1
+
+
 def test_skipped_guards_pick_the_entry_of_each_temperature(tiny_ckpt, monkeypatch):
     """One compiled decode step holding an entry per sampling setting (temperature, top_k are Python values
     the graph specializes on): with guards skipped after each loop's first step (generate.skip_guards),
