@@ -166,6 +166,13 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return ((e.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2) / e.sum(-1, keepdim=True)).to(dtype)
 
 
+def _shared_mask(mask: Tensor) -> Tensor:
+    """The attention mask, computed once into a buffer that every layer reads. A tree verify builds its mask
+    in the graph (tree mask, cache length, visible columns); left inline, Inductor recomputes it inside
+    each layer's attention loops, twice per (row, slot) block."""
+    return _realized(mask)
+
+
 def _realized(x: Tensor) -> Tensor:
     """x, computed into a buffer of its own by Inductor instead of recomputed inside each loop that reads it.
     (Inductor's stride-forcing prim realizes its input; eagerly it is a no-op for an x with these strides.)"""
@@ -367,6 +374,8 @@ class Transformer(nn.Module):
             mask = self.causal_mask[input_pos][None, None]
         if pos is None:
             pos = input_pos
+        if mask.device.type == "cpu" and torch.compiler.is_compiling():
+            mask = _shared_mask(mask)
         x = self.tok_embeddings(idx)
         cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
         if cos.dim() == 2:      # [T, hd] → [1, 1, T, hd]
