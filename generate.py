@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shrink the EAGLE draft vocabulary to its N most frequent tokens (CPU default: 4096)")
     s.add_argument("--draft-quant", default=None, choices=["none", "int8"],
                    help="run a float EAGLE draft in int8 (CPU default) or as stored (none); its proposals only, output unchanged")
+    s.add_argument("--lookup-branch", type=int, default=None,
+                   help="EAGLE: add a prompt-lookup chain of N tokens to greedy trees when the context's last "
+                        "n-gram occurred before (0: none; default 6, none for bf16/fp16 on a CPU)")
     s.add_argument("--compare-ar", action="store_true",
                    help="also run plain decoding on the same prompt; report speedup and token agreement")
     return p
@@ -479,6 +482,8 @@ def check_args(a) -> None:
         v = getattr(a, flag)
         if v is not None and v < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if a.lookup_branch is not None and a.lookup_branch < 0:
+        raise UserError(f"--lookup-branch must be >= 0 (0 = none), got {a.lookup_branch}")
     if a.tree_tokens is not None and a.tree_tokens != "auto" and not (a.tree_tokens.isdigit()
                                                                       and int(a.tree_tokens) >= 1):
         raise UserError(f"--tree-tokens must be a positive integer or 'auto', got {a.tree_tokens!r}")
@@ -543,7 +548,8 @@ def speculative_generator(a, model, device: str, dtype) -> Callable:
         a.spec_method, model, draft_path=a.draft, draft_checkpoint=a.draft_checkpoint, tree=a.tree,
         tree_depth=a.tree_depth, tree_topk=a.tree_topk,
         tree_tokens=a.tree_tokens if a.tree_tokens in (None, "auto") else int(a.tree_tokens),
-        draft_vocab=a.draft_vocab, draft_quant=a.draft_quant, device=device, dtype=dtype, compile=a.compile)
+        draft_vocab=a.draft_vocab, draft_quant=a.draft_quant, device=device, dtype=dtype, compile=a.compile,
+        lookup_branch=a.lookup_branch)
 
     def run(model, prompt, max_new_tokens, *, callback=None, start_pos=0, **kw):
         # start_pos is ignored: the speculative path prefills the whole prompt (its drafter needs the

@@ -40,8 +40,9 @@ from checkpoint import UserError, atomic_write_text, model_bytes, run_cli  # noq
 
 DEFAULT_CHECKPOINT = "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth"
 # ar-eager: plain decoding without torch.compile, in the same run as a compiled `ar` (with --compile)
-METHODS = ("ar", "ar-eager", "eagle", "eagle-chain", "eagle-static", "draft", "lookup")
-TREE_OF = {"eagle": "dynamic", "eagle-chain": "chain", "eagle-static": "static"}
+# eagle-nolookup: EAGLE's trees without the prompt-lookup branch (speculative.LookupBranchDrafter)
+METHODS = ("ar", "ar-eager", "eagle", "eagle-nolookup", "eagle-chain", "eagle-static", "draft", "lookup")
+TREE_OF = {"eagle": "dynamic", "eagle-nolookup": "dynamic", "eagle-chain": "chain", "eagle-static": "static"}
 PEERS = ("hf", "llamacpp")
 # precision -> (activation dtype, file next to model.pth holding the weights, quantize.py --mode)
 PRECISIONS = {
@@ -412,7 +413,8 @@ class Ours:
             import speculative as S
             kw = {k: v for k, v in (("tree_depth", args.tree_depth), ("tree_topk", args.tree_topk),
                                     ("tree_tokens", args.tree_tokens), ("draft_vocab", args.draft_vocab),
-                                    ("draft_quant", args.draft_quant if PRECISIONS[precision][1] is None else None))
+                                    ("draft_quant", args.draft_quant if PRECISIONS[precision][1] is None else None),
+                                    ("lookup_branch", 0 if m == "eagle-nolookup" else args.lookup_branch))
                   if v is not None}
             self.drafters[m] = S.build_drafter(
                 "eagle" if m in TREE_OF else m, self.model, draft_path=draft,
@@ -460,7 +462,8 @@ class Ours:
         out = {"ar": sum(base.values()), "ar-eager": sum(base.values())}
         for m, d in self.drafters.items():
             extra = {}
-            for v in vars(d).values():
+            owners = [d] + ([d.eagle] if "eagle" in vars(d) else [])      # a LookupBranchDrafter wraps one
+            for v in (v for o in owners for v in vars(o).values()):
                 if isinstance(v, torch.nn.Module) and v is not self.model:
                     for t in tensors(v):
                         ptr = t.untyped_storage().data_ptr()
@@ -635,6 +638,8 @@ def parse_args(argv=None):
     p.add_argument("--draft-vocab", type=int, default=None)
     p.add_argument("--draft-quant", default=None, choices=["none", "int8"],
                    help="int8 (CPU default for a float EAGLE draft) or none")
+    p.add_argument("--lookup-branch", type=int, default=None,
+                   help="prompt-lookup tokens added to EAGLE's greedy trees (0: none; default speculative.LOOKUP_BRANCH)")
     p.add_argument("--peer", default="", help="comma-separated: hf, llamacpp")
     p.add_argument("--gguf", default=None, help="GGUF for --peer llamacpp")
     p.add_argument("--out", default="results", help="output directory")
@@ -678,6 +683,8 @@ def parse_args(argv=None):
         raise UserError("--top-k must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+    if args.lookup_branch is not None and args.lookup_branch < 0:
+        raise UserError("--lookup-branch must be >= 0 (0 = none)")
     if args.tree_tokens is not None and args.tree_tokens != "auto":
         try:
             args.tree_tokens = int(args.tree_tokens)
@@ -797,7 +804,8 @@ def main(argv=None):
                    "compile_prefill": args.compile_prefill, "seed": args.seed,
                    "warmup": args.warmup, "draft": args.draft, "draft_checkpoint": args.draft_checkpoint,
                    "tree_depth": args.tree_depth, "tree_topk": args.tree_topk, "tree_tokens": args.tree_tokens,
-                   "draft_vocab": args.draft_vocab, "draft_quant": args.draft_quant},
+                   "draft_vocab": args.draft_vocab, "draft_quant": args.draft_quant,
+                   "lookup_branch": args.lookup_branch},
         "roofline": roofline,
         "wall_s": round(time.perf_counter() - t_start, 1),     # the whole run: loading, compiling, every prompt
         "summary": summary,

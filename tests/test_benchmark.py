@@ -133,6 +133,7 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     (["--checkpoint", "/nonexistent/model.pth"], "checkpoint not found"),
     (["--prompts", "/nonexistent.jsonl"], "--prompts"),
     (["--readme", "/nonexistent/README.md"], "perf:start"),
+    (["--lookup-branch", "-2"], "--lookup-branch must be >= 0"),
 ])
 def test_bad_arguments_one_line_exit_2(tiny_ckpt, capsys, args, needle):
     if "--checkpoint" not in args:

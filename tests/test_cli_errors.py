@@ -56,6 +56,7 @@ def fails(capsys, *argv, match):
     (["--dtype", "fp8"], "invalid choice: 'fp8'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--tree-tokens", "many"], "--tree-tokens must be a positive integer or 'auto'"),
+    (["--lookup-branch", "-1"], "--lookup-branch must be >= 0"),
     (["--system", "x"], "--system needs --chat"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--compare-ar"], "--compare-ar compares against --speculate"),

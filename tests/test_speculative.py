@@ -163,6 +163,129 @@ def test_greedy_lossless_draft_model_and_lookup(target):
     _check(target, SP.LookupDrafter(k=5), _prompts(7), 40)
 
 
+def _scan_lookup(ctx, k, max_n=3, min_n=1):
+    """Prompt lookup by a plain backward scan (what NgramIndex must agree with)."""
+    for n in range(min(max_n, len(ctx) - 1), min_n - 1, -1):
+        for start in range(len(ctx) - n - 1, -1, -1):
+            if ctx[start:start + n] == ctx[-n:]:
+                return ctx[start + n:start + n + k]
+    return []
+
+
+@pytest.mark.parametrize("min_n", [1, 2, 3])
+def test_ngram_index_finds_what_a_scan_finds(min_n):
+    g = torch.Generator().manual_seed(min_n)
+    for _ in range(30):
+        toks = torch.randint(0, 5, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+        idx = SP.NgramIndex(3, min_n)
+        idx.reset(toks[:1])
+        i = 1
+        while i < len(toks):        # grow by rounds of 1-4 tokens, as accepted tokens arrive
+            j = min(len(toks), i + int(torch.randint(1, 5, (1,), generator=g)))
+            idx.extend(toks[i:j])
+            i = j
+            assert idx.match(6) == _scan_lookup(toks[:i], 6, 3, min_n), toks[:i]
+
+
+def test_graft_lookup_follows_the_tree_then_hangs_the_rest_below():
+    # root(10) → 11 → 13, root → 12; max_depth 2
+    tree = SP.make_tree(torch.tensor([10, 11, 12, 13]), torch.tensor([0, 0, 0, 1]), torch.ones(4, dtype=torch.bool), 2, 2)
+    for prop, n_prop, parent0, toks, valid in [
+        ([11, 13, 20, 21, 22], 5, 3, [20, 21, 22], [1, 1, 1]),   # the tree has 11, 13: hang 20.. below 13
+        ([12, 30, 31, 0, 0], 3, 2, [30, 31, 0], [1, 1, 0]),     # only 12: below 12; two valid tokens left
+        ([40, 41, 42, 0, 0], 3, 0, [40, 41, 42], [1, 1, 1]),    # none: below the root
+        ([11, 13, 0, 0, 0], 2, 3, [0, 0, 0], [0, 0, 0]),        # all in the tree already: nothing to add
+    ]:
+        g = SP.graft_lookup(tree, torch.tensor(prop), torch.tensor(n_prop), 3, 5)
+        assert g.tokens[4:].tolist() == toks and g.valid[4:].int().tolist() == valid
+        nv = sum(valid)      # valid grafted nodes form a chain below parent0 (invalid ones are isolated)
+        assert g.parent[4:4 + nv].tolist() == [parent0, 4, 5][:nv]
+        deepest = int(g.depth[torch.where(g.valid)[0]].max())
+        assert deepest == max(int(tree.depth[parent0]) + sum(valid), 2)
+
+
+def _repetitive_prompts(seed, k=4):
+    """Prompts that repeat a phrase: where the lookup branch has something to offer."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        phrase = torch.randint(0, 256, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g)
+        out.append(torch.cat([phrase] * int(torch.randint(2, 5, (1,), generator=g))))
+    return out
+
+
+@pytest.mark.parametrize("kind,depth,topk,tokens,k", [("dynamic", 3, 2, 4, 6), ("chain", 4, 1, 5, 3),
+                                                      ("dynamic", 6, 4, 24, 4), ("static", 5, 4, 16, 8)])
+def test_lookup_branch_is_lossless_and_adds_accepted_tokens(target, trained, kind, depth, topk, tokens, k):
+    prompts = _prompts(12, 3) + _repetitive_prompts(13)
+    random_draft = E.EagleDraft(target.args).eval().bind_target(target)
+    for draft in (random_draft, trained):
+        plain = _check(target, E.EagleDrafter(draft, kind, depth, topk, tokens), prompts, 40)
+        dr = SP.LookupBranchDrafter(E.EagleDrafter(draft, kind, depth, topk, tokens), k=k)
+        branched = _check(target, dr, prompts, 40)
+        assert dr.branch_rounds > 0
+        # the branch only adds candidates, so a round accepts at least what EAGLE's tree alone would
+        # (up to the draft's float noise changing later trees): over these prompts τ must not fall
+        assert sum(branched) > sum(plain), (plain, branched)
+
+
+def test_lookup_branch_stops_and_cache_end(target, trained):
+    for p in _repetitive_prompts(14, 3):
+        ref = greedy_reference(target, p, 40)
+        stop = (ref[len(ref) // 2],)
+        dr = SP.LookupBranchDrafter(E.EagleDrafter(trained, "dynamic", 3, 2, 4), k=6)
+        got, _ = SP.speculative_generate(target, dr, p, 40, stop_ids=stop)
+        assert got == greedy_reference(target, p, 40, stop) and got[-1] == stop[0]
+        for n in (1, 2, 5, 7):
+            assert SP.speculative_generate(target, dr, p, n)[0] == ref[:n]
+    small = make_target(max_position_embeddings=64)
+    d = E.EagleDraft(small.args).eval().bind_target(small)
+    for p in _repetitive_prompts(15, 3):
+        got, st = SP.speculative_generate(small, SP.LookupBranchDrafter(E.EagleDrafter(d, "dynamic", 3, 2, 4)), p, 100)
+        assert got == greedy_reference(small, p, 100) and len(got) == 64 - len(p)
+
+
+def test_lookup_branch_leaves_sampling_trees_alone(target, trained):
+    dr = SP.LookupBranchDrafter(E.EagleDrafter(trained, "dynamic", 3, 2, 4), k=6)
+    p = _repetitive_prompts(16, 1)[0]
+    torch.manual_seed(0)
+    got, st = SP.speculative_generate(target, dr, p, 30, temperature=1.0)
+    assert len(got) == 30 and dr.branch_rounds == 0 and st["rounds"] > 0
+
+
+def test_compiled_lookup_branch_compiles_both_verify_sizes_once(target, trained):
+    """Both verify graphs compile on the first greedy round (whichever size it has); later generations,
+    with and without the branch, add no graphs and stay lossless."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    t = copy.deepcopy(target)
+    d = copy.deepcopy(trained).bind_target(t)
+    prompts = _repetitive_prompts(17, 3) + _prompts(18, 2)
+    refs = [greedy_reference(target, p, 24) for p in prompts]
+    dr = SP.LookupBranchDrafter(E.EagleDrafter(d, "dynamic", 3, 2, 4, compile=True), k=5)
+    dr.small_step = torch.compile(SP.verify_and_accept, fullgraph=True, dynamic=False)
+    dr.large_step = torch.compile(SP.verify_with_lookup, fullgraph=True, dynamic=False)
+    t.setup_caches(1, 128)
+    SP.speculative_generate(t, dr, torch.randint(0, 256, (5,), generator=torch.Generator().manual_seed(3)), 8)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3
+    for p, ref in zip(prompts, refs):
+        assert SP.speculative_generate(t, dr, p, 24)[0] == ref
+        assert dr.branch_rounds > 0 or p.shape[0] < 12
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_build_drafter_lookup_branch_defaults(target, tmp_path):
+    draft = E.EagleDraft(target.args).eval().bind_target(target)
+    path = tmp_path / "d.pth"
+    E.save_draft(draft, path, target.args)
+    dr = SP.build_drafter("eagle", target, draft_path=path, tree_depth=3, tree_topk=2, tree_tokens=4)
+    assert isinstance(dr, SP.LookupBranchDrafter) and dr.k == SP.LOOKUP_BRANCH       # fp32 target
+    assert isinstance(SP.build_drafter("eagle", target, draft_path=path, lookup_branch=0), E.EagleDrafter)
+    half = copy.deepcopy(target).to(torch.bfloat16)
+    assert isinstance(SP.build_drafter("eagle", half, draft_path=path, device="cpu"), E.EagleDrafter)
+
+
 def test_stops_eos_max_tokens_and_cache_end(target, trained):
     # EOS mid-round: pick a token the greedy continuation really produces and use it as the stop id
     for p in _prompts(8, 3):
