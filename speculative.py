@@ -761,10 +761,12 @@ def default_tree(tree: str, target, device) -> dict:
 
 
 def default_lookup_branch(target, device) -> int:
-    """LOOKUP_BRANCH, except for a bf16/fp16 target on a CPU: there the verify's kernel is timed at one
-    tree size (choose_half_verify) and the larger verify was not measured."""
+    """LOOKUP_BRANCH where it was measured to pay (fp32 on a CPU) or where a larger verify costs about
+    the same as a smaller one (CUDA); 0 for other CPU targets. Their rounds with lookup nodes would
+    verify 8 rows: a bf16 forward there costs 32-33 ms at 8 rows against 19-20 at 4 (AMD EPYC,
+    2026-12-02), weight-only int8/int4 kernels also pay per row, and neither was measured with it."""
     from generate import linear_kind
-    if torch.device(device).type == "cpu" and linear_kind(target) == "half":
+    if torch.device(device).type == "cpu" and linear_kind(target) != "fp32":
         return 0
     return LOOKUP_BRANCH
 

@@ -161,6 +161,9 @@ def summarize(records: list[dict], model_bytes_of: dict, roofline: dict) -> list
             row["tau"] = sum((r["mean_accepted"] or 0) * (r["rounds"] or 0) for r in recs) / rounds
         else:
             row["tau"] = None
+        if rounds and any(r.get("lookup_rounds") is not None for r in recs):
+            # EAGLE with lookup nodes (speculative.LookupBranchDrafter): the share of rounds that had them
+            row["lookup_round_share"] = sum(r.get("lookup_rounds") or 0 for r in recs) / rounds
         hists = [r["accept_hist"] for r in recs if r.get("accept_hist")]
         if hists:
             width = max(len(h) for h in hists)
@@ -496,7 +499,8 @@ class Ours:
                 "decode_s": st["decode_s"], "decode_tok_s": st["decode_tokens_per_s"],
                 "rounds": st.get("rounds", st["new_tokens"] if method.startswith("ar") else None),
                 "mean_accepted": st.get("mean_accepted", 1.0 if method.startswith("ar") else None),
-                "accept_hist": list(st["accept_hist"]) if st.get("accept_hist") is not None else None}
+                "accept_hist": list(st["accept_hist"]) if st.get("accept_hist") is not None else None,
+                "lookup_rounds": st.get("lookup_rounds")}
 
     @property
     def model_device(self):

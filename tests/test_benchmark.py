@@ -112,6 +112,8 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     assert rows[(0.0, "lookup")]["identical"] == 2 and rows[(0.0, "lookup")]["compared"] == 2
     assert rows[(0.0, "eagle")]["identical"] == 2 and rows[(0.0, "draft")]["identical"] == 2
     assert len(rows[(0.0, "draft")]["accept_by_depth"]) >= 2 and rows[(0.0, "eagle")]["accept_hist"]
+    # fp32 EAGLE gets lookup nodes by default; the share of rounds that had them is recorded
+    assert 0 <= rows[(0.0, "eagle")]["lookup_round_share"] <= 1 and "lookup_round_share" not in rows[(0.0, "lookup")]
     assert rows[(0.0, "hf")]["identical"] == 2
 
     md = (out / "results.md").read_text()

@@ -284,6 +284,14 @@ def test_build_drafter_lookup_branch_defaults(target, tmp_path):
     assert isinstance(SP.build_drafter("eagle", target, draft_path=path, lookup_branch=0), E.EagleDrafter)
     half = copy.deepcopy(target).to(torch.bfloat16)
     assert isinstance(SP.build_drafter("eagle", half, draft_path=path, device="cpu"), E.EagleDrafter)
+    import quantize
+    from generate import linear_kind
+    q8 = copy.deepcopy(half)
+    quantize.quantize_module(q8, "int8")
+    assert linear_kind(q8) == "quant"
+    assert isinstance(SP.build_drafter("eagle", q8, draft_path=path, device="cpu"), E.EagleDrafter)
+    assert isinstance(SP.build_drafter("eagle", q8, draft_path=path, device="cpu", lookup_branch=3),
+                      SP.LookupBranchDrafter)
 
 
 def test_stops_eos_max_tokens_and_cache_end(target, trained):
