@@ -762,9 +762,10 @@ def default_tree(tree: str, target, device) -> dict:
 
 def default_lookup_branch(target, device) -> int:
     """LOOKUP_BRANCH where it was measured to pay (fp32 on a CPU) or where a larger verify costs about
-    the same as a smaller one (CUDA); 0 for other CPU targets. Their rounds with lookup nodes would
-    verify 8 rows: a bf16 forward there costs 32-33 ms at 8 rows against 19-20 at 4 (AMD EPYC,
-    2026-12-02), weight-only int8/int4 kernels also pay per row, and neither was measured with it."""
+    the same as a smaller one (CUDA); 0 for other CPU targets, whose rounds with lookup nodes verify 8
+    rows at a price per row. bf16 on an AMD EPYC without AMX (2026-12-04, 6 MT-bench prompts, compiled,
+    one run, docs/perf-bf16-lookup): EAGLE 1.22x plain decoding at τ 2.15 with 4 lookup nodes against
+    1.30x at τ 1.94 without. Weight-only int8/int4 kernels also pay per row; they were not measured."""
     from generate import linear_kind
     if torch.device(device).type == "cpu" and linear_kind(target) != "fp32":
         return 0
