@@ -142,16 +142,20 @@ def narrow_mask(mask: Tensor, width: int) -> Tensor:
 # of a 4-token tree (12 rows for SmolLM2's 3 query heads per kv head). There, on an AMD EPYC (fp32, 30 layers,
 # ~300 visible slots, kernel profile of the compiled forward, 2026-12-02) the fused loops took about what
 # SDPA's kernel did (3.2-3.9 vs 3.5-3.7 ms) but saved ~1.1 ms of the graph wrapper's per-op calls (SDPA's
-# transposes and views): 22.1-25.6 ms a forward against 27.4-29.4.
-FEW_ROWS = 12
+# transposes and views): 22.1-25.6 ms a forward against 27.4-29.4. The bound is 24 so that the 8-token verify
+# of a tree with lookup nodes (speculative.LookupBranchDrafter: 24 rows) takes this path too: compiled fp32
+# verify at ~200 slots on the EPYC, 30.5-31.6 ms with SDPA against 23.1-24.6 ms fused; in one process over 8
+# MT-bench prompts (256 tokens, lookup nodes on) EAGLE went 103.0 -> 107.5 tok/s, all outputs identical. Past
+# that it is mixed: at 12 tokens (36 rows) SDPA was faster (31.1 vs 34.8 ms), at 16 slower.
+FEW_ROWS = 24
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Attention of a few query rows, written so that Inductor fuses it into two reduction loops over the
     cache (nothing [rows, width, head_dim]-sized is materialized when compiled). On the 2-core AVX-512 CPU this
     was built on, for a decode step of SmolLM2-135M (3 rows per kv head, 320 visible slots, 30 layers) it took
-    0.47 ms against SDPA's 1.14 ms, whose per-call set-up dominates at this size; from ~16 rows on SDPA wins.
-    Scores and softmax in fp32, as SDPA's CPU kernel does.
+    0.47 ms against SDPA's 1.14 ms, whose per-call set-up dominates at this size; there SDPA won from ~16 rows,
+    on the EPYC only past 24 (see FEW_ROWS). Scores and softmax in fp32, as SDPA's CPU kernel does.
 
     Two things keep the loop over cache slots lean (AMD EPYC, 2026-12-02, one layer of a 4-token SmolLM2 verify:
     12 rows per kv head, 256 slots, compiled, medians of 400 interleaved calls: bf16 146 -> 96 µs, fp32 113 ->
