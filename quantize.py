@@ -428,12 +428,14 @@ def int8_linears_for(mode: str, head: str) -> list[str]:
     return list(HEAD_NAMES) if mode != "int8" and head == "int8" else []
 
 
-def quantize_module(module: nn.Module, mode: str = "int8", groupsize: Optional[int] = None) -> nn.Module:
+def quantize_module(module: nn.Module, mode: str = "int8", groupsize: Optional[int] = None,
+                    int8_linears: Iterable[str] = ()) -> nn.Module:
     """Quantize a loaded float module's linears in memory, in place (an EAGLE draft at load time: its
-    precision only changes what it proposes, never what the target accepts)."""
+    precision only changes what it proposes, never what the target accepts; the benchmark's random-weight
+    models). int8_linears: as quantize_state_dict's (an int4 model's head)."""
     device = next(module.parameters()).device
     sd = dict(module.state_dict())
-    new_sd, record = quantize_state_dict(module, sd, mode, groupsize, progress=False)
+    new_sd, record = quantize_state_dict(module, sd, mode, groupsize, progress=False, int8_linears=int8_linears)
     swap_linears(module, record)
     module.load_state_dict({k: v.to(device) for k, v in new_sd.items()}, strict=True, assign=True)
     prepare_for_device(module, device)
@@ -695,7 +697,7 @@ def evaluate(ckpt_path: Path, modes: list[str], groupsize: int, n_tokens: int, s
     rows = []
     base = load_model(ckpt_path, "cpu", dtype)
     base_nll, base_top = _score(base, chunks)
-    rows.append(("float", model_bytes(base), base_nll, None))
+    rows.append(("float", model_bytes(base, per_step=False), base_nll, None))
     del base
     for mode in tqdm(modes, desc="eval", unit="mode"):
         g = None if mode == "int8" else groupsize
@@ -705,7 +707,7 @@ def evaluate(ckpt_path: Path, modes: list[str], groupsize: int, n_tokens: int, s
                                 calib_seq_len=a.calib_seq_len, act_order=a.act_order, damp=a.damp, head=a.head)
         m = load_model(path, "cpu", dtype)
         nll, top = _score(m, chunks)
-        rows.append((path.name, model_bytes(m), nll, (top == base_top).float().mean().item()))
+        rows.append((path.name, model_bytes(m, per_step=False), nll, (top == base_top).float().mean().item()))
         del m
     n = len(chunks) * (seq_len - 1)
     lines = [f"held-out: {len(chunks)} x {seq_len} tokens of ShareGPT (records from #{EVAL_FIRST_RECORD}), "

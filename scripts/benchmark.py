@@ -53,6 +53,24 @@ PRECISIONS = {
     "int4": (torch.bfloat16, "model_int4.g32.pth", "int4"),
 }
 HF_LOOKUP_TOKENS = 10
+# --random-model: random weights in a published model's shape, for decode speed where the real weights cannot be
+# had (a GPU machine with no network, a model too large to download here). The tokens such a model emits mean
+# nothing, so its rows are speed-only: no stop tokens (every prompt decodes --max-new-tokens), no speculation.
+# The shapes are those of the models' HF config.json files.
+RANDOM_SHAPES = {
+    "llama-2-7b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+                       intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "llama-3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=128000,
+                       eos_token_id=128001),
+}
+# gpt-fast's published batch-1 decode speed for Llama-2-7B on an A100-80GB (its README; compiled, int4 groupsize
+# 32), the figures eaglet's random-weight llama-2-7b rows are set against
+GPT_FAST_A100_LLAMA2_7B = {"bf16": 104.9, "int8": 155.6, "int4": 196.8}
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -202,7 +220,8 @@ def markdown_table(rows: list[dict]) -> str:
         bw = _fmt(r.get("bandwidth_gb_s"), ".2f")
         if r.get("roofline_fraction"):
             bw += f" ({r['roofline_fraction']:.0%} of roofline)"
-        cells = [r["precision"], _fmt(r["temperature"], "g"), r["method"], str(r["n"]), _fmt(r["tok_s"]),
+        method = r["method"] + (" (random weights: speed only)" if r.get("speed_only") else "")
+        cells = [r["precision"], _fmt(r["temperature"], "g"), method, str(r["n"]), _fmt(r["tok_s"]),
                  _fmt(r["tok_s_median"]), _fmt(r["speedup"], ".2f") + ("×" if r["speedup"] else ""),
                  _fmt(r["speedup_median"], ".2f") + ("×" if r["speedup_median"] else ""),
                  _fmt(r.get("vs_base_ar"), ".2f") + ("×" if r.get("vs_base_ar") else ""), _fmt(r["tau"], ".2f"),
@@ -218,6 +237,7 @@ def results_markdown(results: dict) -> str:
            f"`{results['command']}`", "",
            f"Machine: {machine_line(m)}. Measured read bandwidth {roof['bandwidth_gb_s']:.1f} GB/s "
            f"→ roofline " + ", ".join(f"{p} {t:.0f} tok/s" for p, t in roof["tok_s"].items()) + ".", "",
+           *(f"{line}\n" for line in [random_model_note(results)] if line),
            markdown_table(results["summary"]),
            "tok/s = decode tokens per second (aggregate: all decode tokens / all decode time; median over prompts). "
            "speedup = ratio to `ar` on the same prompts in the same run; vs base ar = ratio to the first precision's "
@@ -225,6 +245,19 @@ def results_markdown(results: dict) -> str:
            "(bonus token included). accept@d = fraction of rounds accepting ≥ d drafted tokens. "
            "same text as ar (temperature 0 only) = outputs token-identical to plain decoding."]
     return "\n".join(out) + "\n"
+
+
+def random_model_note(results: dict) -> str:
+    """For a --random-model run: what the rows are, and gpt-fast's published figures where its shape has them."""
+    spec = results["config"].get("random_model")
+    if not spec:
+        return ""
+    note = (f"Model: random weights in the shape of `{spec}`: speed only (the tokens mean nothing; every prompt "
+            f"decodes all {results['config']['max_new_tokens']} tokens).")
+    if spec == "llama-2-7b":
+        note += " gpt-fast's published Llama-2-7B figures (A100-80GB, batch 1, compiled): " + ", ".join(
+            f"{p} {t} tok/s" for p, t in GPT_FAST_A100_LLAMA2_7B.items()) + "."
+    return note
 
 
 def machine_line(m: dict) -> str:
@@ -390,6 +423,44 @@ def quantized_draft(draft: Optional[str], target, checkpoint: Path, precision: s
     return str(dst)
 
 
+def random_model(spec: str, precision: str, device: str, seed: int = 0):
+    """A Transformer of RANDOM_SHAPES[spec] (or of the HF config.json at path `spec`) with random weights,
+    made directly on `device` in the precision's dtype (no full-size float copy on the way), quantized in
+    memory the way quantize.py writes files (int4: groupsize 32, int8 head) for int8/int4. Speed only.
+    device "meta": the shape alone, nothing allocated or initialized."""
+    from checkpoint import model_args
+    from model import Transformer
+    if spec in RANDOM_SHAPES:
+        config = RANDOM_SHAPES[spec]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"--random-model: {spec} is neither one of {', '.join(RANDOM_SHAPES)} nor a config.json")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"--random-model: {path} is not valid JSON ({e.msg})")
+    args = model_args(config)
+    dtype, _, mode = PRECISIONS[precision]
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype).to_empty(device=device)
+    if args.tie_embeddings:                     # to_empty gives each name its own tensor
+        model.output.weight = model.tok_embeddings.weight
+    gen = torch.Generator(device=device).manual_seed(seed) if device != "meta" else None
+    with torch.no_grad():
+        for name, p in model.named_parameters() if gen is not None else ():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:                               # HF's initializer_range; biases small too
+                p.normal_(0.0, 0.02, generator=gen)
+    if mode is not None:
+        import quantize
+        quantize.quantize_module(model, mode, None if mode == "int8" else quantize.GROUPSIZES[0],
+                                 int8_linears=quantize.int8_linears_for(mode, "int8"))
+    return model.eval()
+
+
 class Ours:
     """Our engine: `ar` through generate.generate, every other method through speculative_generate."""
 
@@ -397,8 +468,11 @@ class Ours:
         import generate as G
         self.G, self.args = G, args
         dtype = PRECISIONS[precision][0]
-        self.model, self.tokenizer = G.load_target(str(quantized_checkpoint(Path(args.checkpoint), precision)),
-                                                   device, dtype)
+        if args.random_model:
+            self.model, self.tokenizer = random_model(args.random_model, precision, device, args.seed), None
+        else:
+            self.model, self.tokenizer = G.load_target(str(quantized_checkpoint(Path(args.checkpoint), precision)),
+                                                       device, dtype)
         if args.compile:
             G.compile_decode(model=self.model)
         if args.compile_prefill:
@@ -426,7 +500,14 @@ class Ours:
         self.bytes = model_bytes(self.model)
 
     def encode(self, item: dict, turn: int, history: list[str]) -> list[int]:
-        """Token ids for turn `turn` of a prompt; `history` holds the answers to the earlier turns."""
+        """Token ids for turn `turn` of a prompt; `history` holds the answers to the earlier turns. A random
+        model has no tokenizer: it gets random ids, one per word of the prompt (about what a tokenizer makes of
+        English), the same ones for every method and precision."""
+        if self.tokenizer is None:
+            import zlib
+            gen = torch.Generator().manual_seed(zlib.crc32(item["id"].encode()))
+            n = max(1, len(item["turns"][0].split()))
+            return torch.randint(self.model.args.vocab_size, (n,), generator=gen).tolist()
         if item["raw"]:
             return list(self.tokenizer.encode(item["turns"][0]))
         messages = []
@@ -475,14 +556,20 @@ class Ours:
             out[m] = out["ar"] + sum(extra.values())
         return out
 
+    @property
+    def stop_ids(self) -> tuple:
+        return tuple(self.tokenizer.stop_ids) if self.tokenizer is not None else ()
+
     def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
         stop = set(self.tokenizer.stop_ids)
         return self.tokenizer.decode([t for t in ids if t not in stop])
 
     def run(self, method: str, ids: list[int], temperature: float, max_new_tokens: int) -> dict:
         a = self.args
         prompt = torch.tensor(ids, dtype=torch.long, device=self.model_device)
-        kw = dict(temperature=temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=tuple(self.tokenizer.stop_ids))
+        kw = dict(temperature=temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=self.stop_ids)
         if method in ("ar", "ar-eager"):
             G, compiled = self.G, (self.G.decode_step, self.G.prefill_step)
             G.decode_step, G.prefill_step = (G.decode_one_token, G.prefill) if method == "ar-eager" else self.steps
@@ -644,6 +731,9 @@ def parse_args(argv=None):
                    help="int8 (CPU default for a float EAGLE draft) or none")
     p.add_argument("--lookup-branch", type=int, default=None,
                    help="prompt-lookup tokens added to EAGLE's greedy trees (0: none; default speculative.LOOKUP_BRANCH)")
+    p.add_argument("--random-model", default=None, metavar="SHAPE",
+                   help=f"speed only: random weights in a model's shape ({', '.join(RANDOM_SHAPES)}, or an HF "
+                        "config.json) instead of --checkpoint; methods ar / ar-eager")
     p.add_argument("--peer", default="", help="comma-separated: hf, llamacpp")
     p.add_argument("--gguf", default=None, help="GGUF for --peer llamacpp")
     p.add_argument("--out", default="results", help="output directory")
@@ -706,7 +796,15 @@ def parse_args(argv=None):
         if text.count("<!-- perf:start -->") != 1 or text.count("<!-- perf:end -->") != 1:
             raise UserError(f"--readme {args.readme} needs one '<!-- perf:start -->' and one '<!-- perf:end -->' "
                             f"marker (checked before the run so it is not wasted)")
-    if not Path(args.checkpoint).exists():
+    if args.random_model:
+        other = [m for m in args.methods if m not in ("ar", "ar-eager")]
+        if other or args.peers or args.turns != 1:
+            raise UserError(f"--random-model measures plain decoding speed only (methods ar, ar-eager; one turn; no "
+                            f"peers): drop {', '.join(other + args.peers) or '--turns'}")
+        if args.random_model not in RANDOM_SHAPES and not Path(args.random_model).is_file():
+            raise UserError(f"--random-model: {args.random_model} is neither one of {', '.join(RANDOM_SHAPES)} nor "
+                            f"a config.json")
+    elif not Path(args.checkpoint).exists():
         raise UserError(f"checkpoint not found: {args.checkpoint} (run `python generate.py` once to prepare the "
                         f"default model, or convert_hf_checkpoint.py)")
     return args
@@ -797,11 +895,14 @@ def main(argv=None):
     roofline = {"bandwidth_gb_s": bandwidth, "bandwidth_samples_gb_s": samples, "model_bytes": model_bytes_of,
                 "tok_s": {p: bandwidth * 1e9 / b for p, b in model_bytes_of.items()}}
     summary = summarize(records, model_bytes_of, roofline)
+    if args.random_model:
+        for row in summary:
+            row["speed_only"] = True
     results = {
         "command": "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv is not None
                                                                                    else sys.argv[1:]))),
         "machine": machine_info(device),
-        "config": {"checkpoint": args.checkpoint, "prompts": args.prompts, "n_prompts": len(prompts),
+        "config": {"checkpoint": None if args.random_model else args.checkpoint, "prompts": args.prompts, "n_prompts": len(prompts),
                    "turns": args.turns, "max_new_tokens": args.max_new_tokens, "methods": args.methods,
                    "peers": peers, "precisions": args.precisions, "temperatures": args.temperatures,
                    "top_k": args.top_k, "top_p": args.top_p, "compile": args.compile,
@@ -809,7 +910,7 @@ def main(argv=None):
                    "warmup": args.warmup, "draft": args.draft, "draft_checkpoint": args.draft_checkpoint,
                    "tree_depth": args.tree_depth, "tree_topk": args.tree_topk, "tree_tokens": args.tree_tokens,
                    "draft_vocab": args.draft_vocab, "draft_quant": args.draft_quant,
-                   "lookup_branch": args.lookup_branch},
+                   "lookup_branch": args.lookup_branch, "random_model": args.random_model},
         "roofline": roofline,
         "wall_s": round(time.perf_counter() - t_start, 1),     # the whole run: loading, compiling, every prompt
         "summary": summary,

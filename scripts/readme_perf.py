@@ -25,7 +25,7 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
 def perf_block(results: dict, plot: str | None) -> str:
     """The markdown that goes between the markers: command, machine, roofline, table, plot."""
-    from benchmark import machine_line, markdown_table
+    from benchmark import machine_line, markdown_table, random_model_note
     cfg, roof = results["config"], results["roofline"]
     lines = [
         f"Measured with (`{cfg['n_prompts']}` prompts from `{cfg['prompts']}`, {cfg['max_new_tokens']} new tokens, "
@@ -36,6 +36,7 @@ def perf_block(results: dict, plot: str | None) -> str:
         + (f"; the whole run took {results['wall_s'] / 60:.1f} min" if results.get("wall_s") else "") + ".",
         f"Measured memory read bandwidth {roof['bandwidth_gb_s']:.1f} GB/s; the decode roofline (bandwidth / weight "
         "bytes) is " + ", ".join(f"{p} {t:.0f} tok/s" for p, t in roof["tok_s"].items()) + ".", "",
+        *([random_model_note(results), ""] if random_model_note(results) else []),
         markdown_table(results["summary"]).rstrip("\n"), "",
         "Speedups are ratios to plain decoding (`ar`) on the same prompts in the same process, interleaved "
         "prompt by prompt; \"vs base ar\" compares with the first precision's `ar` "

@@ -136,6 +136,9 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     (["--prompts", "/nonexistent.jsonl"], "--prompts"),
     (["--readme", "/nonexistent/README.md"], "perf:start"),
     (["--lookup-branch", "-2"], "--lookup-branch must be >= 0"),
+    (["--random-model", "llama-2-7b", "--methods", "ar,eagle"], "drop eagle"),
+    (["--random-model", "llama-2-7b", "--methods", "ar", "--peer", "hf"], "drop hf"),
+    (["--random-model", "/nonexistent/config.json", "--methods", "ar"], "--random-model: /nonexistent"),
 ])
 def test_bad_arguments_one_line_exit_2(tiny_ckpt, capsys, args, needle):
     if "--checkpoint" not in args:
@@ -230,3 +233,74 @@ def test_quantized_precision_runs_a_quantized_draft(tiny_ckpt, tmp_path):
     assert torch.load(qd, weights_only=False)["quantization"]["mode"] == "int8"
     recs = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
     assert {r["method"] for r in recs} == {"ar", "eagle"}
+
+
+def test_random_model_rows_are_speed_only(tmp_path):
+    """--random-model: a model of the given shape with random weights, no tokenizer, no stop tokens: every
+    prompt decodes exactly --max-new-tokens, and every row says it is speed only."""
+    import tiny
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny.tiny_config(vocab_size=320, max_position_embeddings=1024)))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "one two three four five"}) + "\n"
+                       + json.dumps({"id": "b", "prompt": "six seven"}) + "\n")
+    out = tmp_path / "out"
+    r = run_bench("--random-model", cfg, "--prompts", prompts, "--methods", "ar,ar-eager", "--precisions",
+                  "bf16,int4", "--max-new-tokens", 7, "--device", "cpu", "--warmup", 0, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["random_model"] == str(cfg) and res["config"]["checkpoint"] is None
+    recs = res["records"]
+    assert len(recs) == 8 and all(rec["new_tokens"] == 7 and rec["text"] == "" for rec in recs)
+    # one random id per word of the prompt, the same for every method and precision
+    assert {(rec["prompt_id"], rec["prompt_tokens"]) for rec in recs} == {("a", 5), ("b", 2)}
+    assert all(row["speed_only"] and row["bandwidth_gb_s"] > 0 for row in res["summary"])
+    md = (out / "results.md").read_text()
+    assert md.count("(random weights: speed only)") == 4 and "random weights in the shape of" in md
+
+
+def test_random_model_shapes_and_quantization():
+    import torch
+    import quantize
+    m = benchmark.random_model("llama-2-7b", "bf16", "meta")     # the published shape, nothing allocated
+    a = m.args
+    assert (a.dim, a.n_layer, a.n_head, a.n_local_heads, a.intermediate_size, a.vocab_size) == \
+        (4096, 32, 32, 32, 11008, 32000)
+    assert sum(p.numel() for p in m.parameters()) == 6_738_415_616      # Llama-2-7B's parameter count
+    import tiny
+    cfg = tiny.tiny_config(tie_word_embeddings=True)
+    x = benchmark.random_model
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "config.json"
+        path.write_text(json.dumps(cfg))
+        f1, f2 = x(str(path), "fp32", "cpu", seed=3), x(str(path), "fp32", "cpu", seed=3)
+        assert all(torch.equal(p, q) for p, q in zip(f1.parameters(), f2.parameters()))    # seeded
+        assert f1.output.weight is f1.tok_embeddings.weight and f1.norm.weight.eq(1).all()
+        q4 = x(str(path), "int4", "cpu")
+        # the layout quantize.py writes: int4 linears, the (tied) head its own int8 copy
+        assert isinstance(q4.output, quantize.WeightOnlyInt8Linear)
+        assert isinstance(q4.layers[0].feed_forward.w13, quantize.WeightOnlyInt4Linear)
+        ids = torch.tensor([[1, 2, 3]])
+        q4.setup_caches(1, 16)
+        assert q4(ids, torch.arange(3)).isfinite().all()
+
+
+def test_model_bytes_counts_what_a_step_reads():
+    import torch
+    import quantize
+    import tiny
+    from checkpoint import model_bytes
+    from model import ModelArgs, Transformer
+    untied = Transformer(ModelArgs.from_hf_config(tiny.tiny_config()))
+    emb = untied.tok_embeddings.weight.numel() * 4
+    total = sum(p.numel() * 4 for p in untied.parameters())
+    assert model_bytes(untied) == total - emb and model_bytes(untied, per_step=False) == total
+    tied = Transformer(ModelArgs.from_hf_config(tiny.tiny_config(tie_word_embeddings=True)))
+    total = sum(p.numel() * 4 for p in tied.parameters())       # parameters() yields the tied tensor once
+    assert model_bytes(tied) == model_bytes(tied, per_step=False) == total
+    # quantized, the tied head is an int8 copy that a step reads whole, and the float table is only gathered
+    quantize.quantize_module(tied, "int8")
+    head = tied.output.weight.numel() + tied.output.scales.numel() * tied.output.scales.element_size()
+    assert model_bytes(tied, per_step=False) - model_bytes(tied) == tied.tok_embeddings.weight.numel() * 4
+    assert model_bytes(tied) > head
