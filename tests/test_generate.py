@@ -295,6 +295,36 @@ def test_gemm_micro_kernels_are_forced_inline():
     torch._dynamo.reset()
 
 
+def test_half_precision_template_step_runs_every_matmul_on_the_template(tiny_ckpt, monkeypatch):
+    """A bf16 step compiled with the template (template=True, as choose_half_gemm / choose_half_verify compile
+    one candidate) offers the autotuner no oneDNN linear: timing each matmul alone, it picked oneDNN for some
+    of a real verify's few-row matmuls (generate.HALF_TEMPLATE_OPTIONS). On this tiny model it would pick the
+    template anyway, so the options are checked as well as the code."""
+    from torch._inductor.utils import run_and_get_code
+    m = load_model(tiny_ckpt[0], "cpu", torch.bfloat16)
+    m.setup_caches(1, 64)
+    seen = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("options")) or real_compile(fn, **kw))
+    generate.compile_step(lambda x: x, m, "cpu", template=True)
+    generate.compile_step(lambda x: x, copy.deepcopy(m).float(), "cpu")
+    assert seen[0]["max_autotune_gemm_backends"] == "CPP" and seen[0]["max_autotune"]
+    assert seen[1] == generate.GEMM_TEMPLATE_OPTIONS           # fp32: unchanged
+    tokens, pos, mask = torch.tensor([PROMPT[:4]]), torch.arange(4), m.causal_rows(0, 4)
+    torch._dynamo.reset()
+    try:
+        step = generate.compile_step(lambda t, p, k: m(t, p, k), m, "cpu", template=True)
+        with torch.no_grad():
+            out, codes = run_and_get_code(step, tokens, pos, mask)
+            ref = m(tokens, pos, mask)
+        code = "\n".join(codes)
+        # 4 rows: 2 layers x (qkv, o, w13, w2) + the head, all template micro-GEMMs
+        assert "micro_gemm" in code and "mkldnn._linear_pointwise" not in code and "extern_kernels.mm" not in code
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("slow", ["library", "template"])
 def test_half_precision_decode_times_both_kernels_and_keeps_the_faster(tiny_ckpt, monkeypatch, slow):
     """compile_decode on a bf16 CPU model compiles the step both ways, keeps the one its timings favour
