@@ -261,12 +261,20 @@ def cpu_inductor_settings() -> None:
 # changes no arithmetic, only where the accumulators live.
 _MICRO_GEMM_DECL = "\ninline void {{kernel_name}}"
 _MICRO_GEMM_INLINE = "\n__attribute__((always_inline)) inline void {{kernel_name}}"
+# The same kernel with bf16/fp16 weights loads each 16-weight vector with a counted (masked) load, which GCC
+# treats as a load that may read the accumulators: it writes every accumulator back to the stack after each FMA
+# (dead stores, seen in the assembly at 4, 6 and 8 rows). A plain full-width load of the same 16 weights
+# (at::vec::load_to_float) reads the same numbers and lets the accumulators live in registers.
+_MICRO_GEMM_HALF_LOAD = ("auto b = VectorizedIn::loadu(B + k * ldb + col * VLEN, VLEN);\n"
+                         "            vb[col] = at::vec::convert<{{compute_t}}>(b);")
+_MICRO_GEMM_HALF_LOAD_FIXED = "at::vec::load_to_float(B + k * ldb + col * VLEN, vb[col]);"
 
 
 def inline_gemm_micro_kernels() -> bool:
-    """Declare the GEMM template's micro-kernels always_inline (see _MICRO_GEMM_DECL). A patch of Inductor's
-    code-generation templates: if a PyTorch version words them differently, nothing is patched and this
-    returns False (the template still works, only without the fix); tests pin that it applies to ours."""
+    """Declare the GEMM template's micro-kernels always_inline (see _MICRO_GEMM_DECL) and give its bf16/fp16
+    weight loads a full-width load (_MICRO_GEMM_HALF_LOAD). A patch of Inductor's code-generation templates:
+    if a PyTorch version words them differently, that part is not patched (the template still works, only
+    without the fix), and this returns False when the inline part is not; tests pin that both apply to ours."""
     import torch._inductor.compile_fx  # noqa: F401  (imports the codegen modules in their working order)
     import torch._inductor.config as inductor_config
     from torch._inductor.codegen import cpp_micro_gemm
@@ -278,7 +286,9 @@ def inline_gemm_micro_kernels() -> bool:
         if not isinstance(src, str):
             continue
         if _MICRO_GEMM_INLINE not in src and _MICRO_GEMM_DECL in src:
-            cls.TEMPLATE_KERNEL = src.replace(_MICRO_GEMM_DECL, _MICRO_GEMM_INLINE)
+            cls.TEMPLATE_KERNEL = src = src.replace(_MICRO_GEMM_DECL, _MICRO_GEMM_INLINE)
+        if _MICRO_GEMM_HALF_LOAD in src:
+            cls.TEMPLATE_KERNEL = src.replace(_MICRO_GEMM_HALF_LOAD, _MICRO_GEMM_HALF_LOAD_FIXED)
         patched = patched or _MICRO_GEMM_INLINE in cls.TEMPLATE_KERNEL
     if patched and inductor_config.post_grad_custom_post_pass is None:
         class InlineMicroGemmKey(CustomGraphPass):
@@ -288,7 +298,7 @@ def inline_gemm_micro_kernels() -> bool:
                 return None
 
             def uuid(self):
-                return "eaglet-inline-micro-gemm-1"
+                return "eaglet-inline-micro-gemm-2"
         inductor_config.post_grad_custom_post_pass = InlineMicroGemmKey()
     return patched
 

@@ -761,14 +761,21 @@ def default_tree(tree: str, target, device) -> dict:
 
 
 def default_lookup_branch(target, device) -> int:
-    """LOOKUP_BRANCH where it was measured to pay (fp32 on a CPU) or where a larger verify costs about
-    the same as a smaller one (CUDA); 0 for other CPU targets, whose rounds with lookup nodes verify 8
-    rows at a price per row. bf16 on an AMD EPYC without AMX (2026-12-04, 6 MT-bench prompts, compiled,
-    one run, docs/perf-bf16-lookup): EAGLE 1.22x plain decoding at τ 2.15 with 4 lookup nodes against
-    1.30x at τ 1.94 without. Weight-only int8/int4 kernels also pay per row; they were not measured."""
+    """LOOKUP_BRANCH where it was measured to pay, 0 elsewhere. It pays on CUDA, where a larger verify costs
+    about what a smaller one does; for fp32 on a CPU (the A/B in LookupBranchDrafter's docstring); and for
+    bf16/fp16 on a CPU without AMX (the 4-token tree), now that the C++ GEMM template runs every matmul of a
+    half-precision verify and loads its weights without spilling its accumulators (generate.HALF_TEMPLATE_OPTIONS,
+    generate._MICRO_GEMM_HALF_LOAD): compiled bf16 on an AMD EPYC without AMX (2026-12-07, 8 MT-bench prompts
+    after a warm-up one, 256 tokens, one process, interleaved with plain decoding at 107.6 tok/s): EAGLE 1.38x at
+    τ 1.96 without the nodes, 1.49x at τ 2.40 with them (in 22% of the rounds). Before those two changes the
+    8-row bf16 verify cost about twice the 4-row one, and the nodes lost there (2026-12-04: 1.22x at τ 2.15
+    with, 1.30x at τ 1.94 without; docs/perf-bf16-lookup). Off for the AMX tree (16 tokens, not measured with
+    them) and for weight-only int8/int4, whose kernels pay per row (not measured)."""
     from generate import linear_kind
-    if torch.device(device).type == "cpu" and linear_kind(target) != "fp32":
-        return 0
+    if torch.device(device).type == "cpu":
+        kind = linear_kind(target)
+        if kind == "quant" or (kind == "half" and cpu_has_amx()):
+            return 0
     return LOOKUP_BRANCH
 
 
@@ -913,7 +920,9 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
         raise UserError(f"unknown speculative method {method!r} (eagle, draft, lookup)")
     if compile and isinstance(d, LookupBranchDrafter):
         d.small_step = compile_verify(target, d.eagle, device)
-        d.large_step = compile_step(verify_with_lookup, target, device)
+        # a half-precision target's larger verify takes the kernel its smaller one was timed to win with
+        d.large_step = compile_step(verify_with_lookup, target, device,
+                                    template=getattr(d.eagle, "verify_template", None))
     elif compile:
         d.verify_step = compile_verify(target, d, device)
     if compile:

@@ -273,7 +273,8 @@ def test_gemm_micro_kernels_are_forced_inline():
     """generate.inline_gemm_micro_kernels patches the text of Inductor's GEMM template: pin that it applies
     to the PyTorch this project pins (a reworded template would silently lose the fix), reaches the code a
     five-row fp32 matmul compiles to (a row count whose kernel GCC left out of line), keeps its result, and
-    is in the FX-graph cache key."""
+    is in the FX-graph cache key; and that bf16 weights are loaded without the counted load that kept the
+    accumulators on the stack."""
     generate.cpu_inductor_settings()   # frozen weights: what the template needs; applies the patch
     import torch._inductor.config as inductor_config
     from torch._inductor.codegen import cpp_micro_gemm   # after the line above: Inductor's import order
@@ -292,6 +293,14 @@ def test_gemm_micro_kernels_are_forced_inline():
         torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
     code = "\n".join(codes)
     assert "micro_gemm" in code and "__attribute__((always_inline)) inline void" in code
+    # bf16 weights: the micro-kernel loads them with a plain full-width load (no counted load)
+    assert generate._MICRO_GEMM_HALF_LOAD not in cpp_micro_gemm.CppMicroGemmFP32Vec.TEMPLATE_KERNEL
+    half, xh = lin.to(torch.bfloat16), torch.randn(6, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y, codes = run_and_get_code(torch.compile(half, fullgraph=True, options=generate.HALF_TEMPLATE_OPTIONS), xh)
+        torch.testing.assert_close(y.float(), xh.float() @ half.weight.float().T, rtol=0.02, atol=0.02)
+    assert generate._MICRO_GEMM_HALF_LOAD_FIXED in "\n".join(codes)
     torch._dynamo.reset()
 
 

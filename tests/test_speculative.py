@@ -283,7 +283,11 @@ def test_build_drafter_lookup_branch_defaults(target, tmp_path):
     assert isinstance(dr, SP.LookupBranchDrafter) and dr.k == SP.LOOKUP_BRANCH       # fp32 target
     assert isinstance(SP.build_drafter("eagle", target, draft_path=path, lookup_branch=0), E.EagleDrafter)
     half = copy.deepcopy(target).to(torch.bfloat16)
-    assert isinstance(SP.build_drafter("eagle", half, draft_path=path, device="cpu"), E.EagleDrafter)
+    # bf16 on a CPU: with lookup nodes on the 4-token tree (no AMX), without on the AMX one
+    import unittest.mock
+    for amx, kind in ((False, SP.LookupBranchDrafter), (True, E.EagleDrafter)):
+        with unittest.mock.patch.object(SP, "cpu_has_amx", lambda amx=amx: amx):
+            assert type(SP.build_drafter("eagle", half, draft_path=path, device="cpu")) is kind
     import quantize
     from generate import linear_kind
     q8 = copy.deepcopy(half)
