@@ -728,7 +728,11 @@ HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
 # 0.93x at τ 2.19 with 4 tokens against 0.56x at τ 2.64 with 12 (5 prompts, one process, plain int8 decoding 115.5
 # tok/s); still below plain decoding. With the micro-kernels inline, bf16 there gave 1.01x at τ 1.95 with 4 tokens
 # and 0.87x at τ 2.29 with 6 (5 prompts, one process, plain bf16 decoding 92.2 tok/s): its 4-token round still
-# costs ~2 plain steps.
+# cost ~2 plain steps. Since the template runs every matmul of a bf16 verify and keeps its accumulators in
+# registers (generate.HALF_TEMPLATE_OPTIONS, generate._MICRO_GEMM_HALF_LOAD) a 4-token bf16 round costs ~1.3-1.4
+# plain steps there (2026-12-07: verify 13.3 ms, the draft's update 2.0 ms, plain step 12.0 ms on a slow
+# moment), and with lookup nodes bf16 EAGLE was 1.53x plain decoding at τ 2.51 (20 MT-bench prompts,
+# docs/perf-bf16).
 SMALL_CPU_TREE = dict(depth=3, topk=2, tokens=4)
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # EAGLE trees at temperature 0 get this many prompt-lookup nodes (LookupBranchDrafter).
