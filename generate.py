@@ -127,14 +127,16 @@ def _on_cuda(device) -> bool:
 GEMM_TEMPLATE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                          # keep the autotuner's per-matmul timing tables off the user's stderr
                          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-# A bf16/fp16 step compiled "with the template" gets it for every matmul, without oneDNN among the autotuner's
-# choices. The autotuner times each matmul alone, its weights hot in the cache, and for the few rows of a verify
-# it picked oneDNN's linear for some matmuls, differently from one process to the next; in a forward, where
-# the weights stream from memory, that choice was the slow one. On an AMD EPYC without AMX (2026-12-07, 30
-# SmolLM2 MLP blocks in bf16, compiled, one process, medians of 30): CPP and ATEN 6.3 ms at 1 row, 9.6 at 2,
-# 9.1 at 4; the template alone 5.7 / 6.0 / 5.9 (and 7.5 at 5 rows, 14.6 at 6). Whole graphs are still timed
-# against oneDNN's (choose_half_gemm, speculative.choose_half_verify).
-HALF_TEMPLATE_OPTIONS = {**GEMM_TEMPLATE_OPTIONS, "max_autotune_gemm_backends": "CPP"}
+# bf16/fp16 and weight-only int8/int4 steps compiled with the template get it for every matmul, without ATen's
+# kernels (oneDNN's linear, _weight_int8pack_mm) among the autotuner's choices. The autotuner times each matmul
+# alone, its weights hot in the cache, and picked the library kernel for some matmuls, differently from one
+# process to the next; in a forward, where the weights stream from memory, that choice was the slow one. On an
+# AMD EPYC without AMX (2026-12-07, 30 SmolLM2 MLP blocks, compiled, one process, medians of 30): bf16 with CPP
+# and ATEN 6.3 ms at 1 row, 9.6 at 2, 9.1 at 4, the template alone 5.7 / 6.0 / 5.9; int8 at 1 row 5.94 ms with
+# both (the autotuner kept ATen's _weight_int8pack_mm, 13 GB/s) against 3.69 ms with the template alone. fp32
+# keeps both: there the two lists measured the same (11.6 / 11.7 ms at 1 row, 10.7 / 11.2 at 4). Whole bf16/fp16
+# graphs are still timed against oneDNN's (choose_half_gemm, speculative.choose_half_verify).
+TEMPLATE_ONLY_OPTIONS = {**GEMM_TEMPLATE_OPTIONS, "max_autotune_gemm_backends": "CPP"}
 
 
 def linear_kind(model) -> str:
@@ -220,7 +222,7 @@ def compile_step(fn, model=None, device: Optional[str] = None, mode: str = "defa
     if not _on_cuda(device):
         cpu_inductor_settings()
         if mode == "default" and (gemm_template_pays(model) if template is None else template):
-            options = HALF_TEMPLATE_OPTIONS if linear_kind(model) == "half" else GEMM_TEMPLATE_OPTIONS
+            options = GEMM_TEMPLATE_OPTIONS if linear_kind(model) == "fp32" else TEMPLATE_ONLY_OPTIONS
             return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
 

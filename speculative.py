@@ -729,7 +729,7 @@ HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
 # tok/s); still below plain decoding. With the micro-kernels inline, bf16 there gave 1.01x at τ 1.95 with 4 tokens
 # and 0.87x at τ 2.29 with 6 (5 prompts, one process, plain bf16 decoding 92.2 tok/s): its 4-token round still
 # cost ~2 plain steps. Since the template runs every matmul of a bf16 verify and keeps its accumulators in
-# registers (generate.HALF_TEMPLATE_OPTIONS, generate._MICRO_GEMM_HALF_LOAD) a 4-token bf16 round costs ~1.3-1.4
+# registers (generate.TEMPLATE_ONLY_OPTIONS, generate._MICRO_GEMM_HALF_LOAD) a 4-token bf16 round costs ~1.3-1.4
 # plain steps there (2026-12-07: verify 13.3 ms, the draft's update 2.0 ms, plain step 12.0 ms on a slow
 # moment), and with lookup nodes bf16 EAGLE was 1.53x plain decoding at τ 2.51 (20 MT-bench prompts,
 # docs/perf-bf16).
@@ -768,7 +768,7 @@ def default_lookup_branch(target, device) -> int:
     """LOOKUP_BRANCH where it was measured to pay, 0 elsewhere. It pays on CUDA, where a larger verify costs
     about what a smaller one does; for fp32 on a CPU (the A/B in LookupBranchDrafter's docstring); and for
     bf16/fp16 on a CPU without AMX (the 4-token tree), now that the C++ GEMM template runs every matmul of a
-    half-precision verify and loads its weights without spilling its accumulators (generate.HALF_TEMPLATE_OPTIONS,
+    half-precision verify and loads its weights without spilling its accumulators (generate.TEMPLATE_ONLY_OPTIONS,
     generate._MICRO_GEMM_HALF_LOAD): compiled bf16 on an AMD EPYC without AMX (2026-12-07, 8 MT-bench prompts
     after a warm-up one, 256 tokens, one process, interleaved with plain decoding at 107.6 tok/s): EAGLE 1.38x at
     τ 1.96 without the nodes, 1.49x at τ 2.40 with them (in 22% of the rounds). Before those two changes the

@@ -298,7 +298,7 @@ def test_gemm_micro_kernels_are_forced_inline():
     half, xh = lin.to(torch.bfloat16), torch.randn(6, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
     with torch.no_grad():
-        y, codes = run_and_get_code(torch.compile(half, fullgraph=True, options=generate.HALF_TEMPLATE_OPTIONS), xh)
+        y, codes = run_and_get_code(torch.compile(half, fullgraph=True, options=generate.TEMPLATE_ONLY_OPTIONS), xh)
         torch.testing.assert_close(y.float(), xh.float() @ half.weight.float().T, rtol=0.02, atol=0.02)
     assert generate._MICRO_GEMM_HALF_LOAD_FIXED in "\n".join(codes)
     torch._dynamo.reset()
@@ -306,9 +306,10 @@ def test_gemm_micro_kernels_are_forced_inline():
 
 def test_half_precision_template_step_runs_every_matmul_on_the_template(tiny_ckpt, monkeypatch):
     """A bf16 step compiled with the template (template=True, as choose_half_gemm / choose_half_verify compile
-    one candidate) offers the autotuner no oneDNN linear: timing each matmul alone, it picked oneDNN for some
-    of a real verify's few-row matmuls (generate.HALF_TEMPLATE_OPTIONS). On this tiny model it would pick the
-    template anyway, so the options are checked as well as the code."""
+    one candidate), and a weight-only int8 one, offer the autotuner no library kernel: timing each matmul
+    alone, it picked oneDNN for some of a real verify's few-row matmuls and ATen's int8 kernel for one-row
+    ones (generate.TEMPLATE_ONLY_OPTIONS). On this tiny model it would pick the template anyway, so the
+    options are checked as well as the code."""
     from torch._inductor.utils import run_and_get_code
     m = load_model(tiny_ckpt[0], "cpu", torch.bfloat16)
     m.setup_caches(1, 64)
@@ -317,8 +318,11 @@ def test_half_precision_template_step_runs_every_matmul_on_the_template(tiny_ckp
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("options")) or real_compile(fn, **kw))
     generate.compile_step(lambda x: x, m, "cpu", template=True)
     generate.compile_step(lambda x: x, copy.deepcopy(m).float(), "cpu")
+    import quantize
+    generate.compile_step(lambda x: x, quantize.quantize_module(copy.deepcopy(m), "int8"), "cpu")
     assert seen[0]["max_autotune_gemm_backends"] == "CPP" and seen[0]["max_autotune"]
-    assert seen[1] == generate.GEMM_TEMPLATE_OPTIONS           # fp32: unchanged
+    assert seen[1] == generate.GEMM_TEMPLATE_OPTIONS           # fp32: both lists measured the same
+    assert seen[2] == generate.TEMPLATE_ONLY_OPTIONS           # int8: ATen's one-row kernel was the slow pick
     tokens, pos, mask = torch.tensor([PROMPT[:4]]), torch.arange(4), m.causal_rows(0, 4)
     torch._dynamo.reset()
     try:
