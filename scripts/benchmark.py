@@ -192,6 +192,10 @@ def summarize(records: list[dict], model_bytes_of: dict, roofline: dict) -> list
             row["bandwidth_gb_s"] = model_bytes_of[prec] * agg / 1e9
             if roofline.get("tok_s", {}).get(prec):
                 row["roofline_fraction"] = agg / roofline["tok_s"][prec]
+            if all(r.get("probe_gb_s") for r in recs):
+                # against the probe taken beside each prompt: bytes read / bytes the memory gave in that time
+                row["paired_roofline_fraction"] = model_bytes_of[prec] * dec_tokens / sum(
+                    r["decode_s"] * r["probe_gb_s"] * 1e9 for r in recs)
         if temp == 0 and method != "ar" and paired:
             same = [r["same_as_ar"] for r, _ in paired]
             row["identical"] = sum(bool(s) for s in same)
@@ -219,7 +223,8 @@ def markdown_table(rows: list[dict]) -> str:
         same = f"{r['identical']}/{r['compared']}" if "identical" in r else "–"
         bw = _fmt(r.get("bandwidth_gb_s"), ".2f")
         if r.get("roofline_fraction"):
-            bw += f" ({r['roofline_fraction']:.0%} of roofline)"
+            bw += f" ({r['roofline_fraction']:.0%} of roofline" + (
+                f", {r['paired_roofline_fraction']:.0%} paired)" if r.get("paired_roofline_fraction") else ")")
         method = r["method"] + (" (random weights: speed only)" if r.get("speed_only") else "")
         cells = [r["precision"], _fmt(r["temperature"], "g"), method, str(r["n"]), _fmt(r["tok_s"]),
                  _fmt(r["tok_s_median"]), _fmt(r["speedup"], ".2f") + ("×" if r["speedup"] else ""),
@@ -243,8 +248,13 @@ def results_markdown(results: dict) -> str:
            "speedup = ratio to `ar` on the same prompts in the same run; vs base ar = ratio to the first precision's "
            f"`ar` ({results['config']['precisions'][0]}). τ = tokens accepted per target forward "
            "(bonus token included). accept@d = fraction of rounds accepting ≥ d drafted tokens. "
-           "same text as ar (temperature 0 only) = outputs token-identical to plain decoding."]
+           "same text as ar (temperature 0 only) = outputs token-identical to plain decoding. " + ROOFLINE_LEGEND]
     return "\n".join(out) + "\n"
+
+
+ROOFLINE_LEGEND = ("GB/s = weight bytes a decode step reads × tok/s; \"of roofline\" divides it by the best "
+                   "bandwidth probe of the run, \"paired\" by the probe taken right after each prompt (the memory's "
+                   "speed moves minute to minute).")
 
 
 def random_model_note(results: dict) -> str:
@@ -325,10 +335,12 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def measure_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 10) -> float:
+def measure_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 10, buffer=None) -> float:
     """Achievable memory read bandwidth in GB/s: best of `repeats` sums over a buffer far larger than any
-    cache. A decode step reads every weight once, so bandwidth / weight bytes is the tok/s ceiling."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    cache. A decode step reads every weight once, so bandwidth / weight bytes is the tok/s ceiling.
+    `buffer` reuses a probe buffer (the short probes taken beside every prompt)."""
+    x = _probe_buffer(nbytes, device) if buffer is None else buffer
+    nbytes = x.numel() * x.element_size()
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass faults the pages in
         _sync(device)
@@ -337,6 +349,27 @@ def measure_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 10) -> 
         best = min(best, time.perf_counter() - t0)
     del x
     return nbytes / best / 1e9
+
+
+def _probe_buffer(nbytes: int, device: str) -> torch.Tensor:
+    """nbytes of fp32 ones. On a Linux CPU the buffer is 2 MiB-aligned and advised into transparent huge
+    pages before it is touched: with 4 KiB pages the same sum read 28 GB/s where it read 33.5 with huge pages
+    (AMD EPYC, 2026-12-07, one process), and the compiled bf16 decode step's matmuls read ~33 GB/s from the
+    model's ordinary pages, so a 4 KiB probe would understate what the memory gives and flatter the roofline
+    fraction. Elsewhere (or if madvise is missing) it is an ordinary tensor."""
+    if device != "cpu":
+        return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    huge = 2 << 20
+    raw = torch.empty(nbytes + huge, dtype=torch.uint8)
+    buf = raw[(-raw.data_ptr()) % huge:][:nbytes]
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(buf.data_ptr(), nbytes, 14)   # MADV_HUGEPAGE; an error leaves ordinary pages
+    except (OSError, AttributeError):
+        pass
+    return buf.view(torch.float32).fill_(1.0)
 
 
 def _sync(device: str) -> None:
@@ -827,7 +860,8 @@ def main(argv=None):
                   file=sys.stderr)
             peers.remove("llamacpp")
     torch.manual_seed(args.seed)
-    bandwidth = measure_bandwidth(device)
+    probe = _probe_buffer(1 << 28, device)
+    bandwidth = measure_bandwidth(device, buffer=probe)
     print(f"measured read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
 
     # Every precision is loaded up front and interleaved prompt by prompt too, so cross-precision ratios
@@ -860,11 +894,11 @@ def main(argv=None):
 
     # After the warm-up, so drafters' caches (allocated on first use) count as resident, not transient.
     resident = {p: {**ours.resident_bytes(), **peer_bytes.get(p, {})} for p, (ours, _) in engines.items()}
-    records, peak = [], PeakMemory(device)
+    records, peak, probes = [], PeakMemory(device), []
     for pi, item in enumerate(tqdm(prompts, desc="prompts", file=sys.stderr)):
         for temp in args.temperatures:
             for precision, (ours, runners) in engines.items():
-                history = []
+                history, n_before = [], len(records)
                 for turn in range(len(item["turns"])):
                     ids = ours.encode(item, turn, history)
                     ar_tokens = None
@@ -886,13 +920,21 @@ def main(argv=None):
                         records.append(r)
                     # The next turn continues from ar's answer so every method sees the same context.
                     history.append(ours.decode(ar_tokens))
+                # A short probe right after these runs (~4 sums, well under a second) for the paired roofline.
+                speed = measure_bandwidth(device, repeats=3, buffer=probe)
+                probes.append(speed)
+                for r in records[n_before:]:
+                    r["probe_gb_s"] = speed
     del engines
 
-    # The memory system of a shared machine is not steady (37-67 GB/s on this one, minute to minute): measure
-    # again after the run and keep the best, so the roofline is what the machine gave at its best.
-    samples = [bandwidth, measure_bandwidth(device)]
-    bandwidth = max(samples)
-    roofline = {"bandwidth_gb_s": bandwidth, "bandwidth_samples_gb_s": samples, "model_bytes": model_bytes_of,
+    # The memory system of a shared machine is not steady (28-64 GB/s on this one, minute to minute): measure
+    # again after the run and keep the best of every probe, so the roofline is what the machine gave at its
+    # best; the per-prompt probes give the paired fraction, against what it gave at the time.
+    samples = [bandwidth, measure_bandwidth(device, buffer=probe)]
+    del probe
+    bandwidth = max(samples + probes)
+    roofline = {"bandwidth_gb_s": bandwidth, "bandwidth_samples_gb_s": samples, "prompt_probes_gb_s": probes,
+                "model_bytes": model_bytes_of,
                 "tok_s": {p: bandwidth * 1e9 / b for p, b in model_bytes_of.items()}}
     summary = summarize(records, model_bytes_of, roofline)
     if args.random_model:

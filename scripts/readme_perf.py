@@ -25,7 +25,7 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
 def perf_block(results: dict, plot: str | None) -> str:
     """The markdown that goes between the markers: command, machine, roofline, table, plot."""
-    from benchmark import machine_line, markdown_table, random_model_note
+    from benchmark import ROOFLINE_LEGEND, machine_line, markdown_table, random_model_note
     cfg, roof = results["config"], results["roofline"]
     lines = [
         f"Measured with (`{cfg['n_prompts']}` prompts from `{cfg['prompts']}`, {cfg['max_new_tokens']} new tokens, "
@@ -42,7 +42,7 @@ def perf_block(results: dict, plot: str | None) -> str:
         "prompt by prompt; \"vs base ar\" compares with the first precision's `ar` "
         f"({(cfg.get('precisions') or ['?'])[0]}). τ = tokens accepted per target forward (bonus token included); "
         "accept@d = fraction of rounds accepting at least d drafted tokens; \"same text as ar\" counts "
-        "temperature-0 outputs that are token-identical to plain decoding.",
+        "temperature-0 outputs that are token-identical to plain decoding. " + ROOFLINE_LEGEND,
     ]
     if plot:
         lines += ["", f"![speedup and τ per method]({plot})"]

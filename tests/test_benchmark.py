@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tiny
 
@@ -78,6 +79,10 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     assert res["command"].startswith("python ") and "--methods ar,lookup,eagle,draft" in res["command"]
     assert {"cpu", "cores", "threads", "torch", "date"} <= set(res["machine"])
     assert res["roofline"]["bandwidth_gb_s"] > 0 and res["roofline"]["tok_s"]["fp32"] > 0
+    # one short probe per prompt, temperature and precision: here 1 x 2 x 1
+    assert len(res["roofline"]["prompt_probes_gb_s"]) == 2
+    assert res["roofline"]["bandwidth_gb_s"] == max(res["roofline"]["bandwidth_samples_gb_s"]
+                                                    + res["roofline"]["prompt_probes_gb_s"])
     assert res["wall_s"] > 0 and "the whole run took" in readme.read_text()
     recs = res["records"]
     methods = {"ar", "lookup", "eagle", "draft", "hf", "hf-lookup"}
@@ -85,7 +90,7 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
     assert len(recs) == 24 and {r["method"] for r in recs} == methods
     for rec in recs:
         assert rec["prompt_id"] == "q1" and 1 <= rec["new_tokens"] <= 12 and len(rec["tokens"]) == rec["new_tokens"]
-        assert rec["decode_s"] >= 0 and rec["ttft_s"] > 0 and rec["peak_mem_bytes"] > 0
+        assert rec["decode_s"] >= 0 and rec["ttft_s"] > 0 and rec["peak_mem_bytes"] > 0 and rec["probe_gb_s"] > 0
     by = {(r["temperature"], r["method"], r["turn"]): r for r in recs}
     # turn 2 carries turn 1 and ar's answer to it
     assert by[(0.0, "ar", 2)]["prompt_tokens"] > by[(0.0, "ar", 1)]["prompt_tokens"] + by[(0.0, "ar", 1)]["new_tokens"]
@@ -106,7 +111,7 @@ def test_end_to_end_tiny_model(tiny_ckpt, tmp_path):
         assert row["n"] == 2 and row["tok_s"] > 0 and row["speedup"] > 0 and row["ttft_ms_median"] > 0
         assert row["tau"] is None if m.startswith("hf") else row["tau"] >= 1
     assert rows[(0.0, "ar")]["speedup"] == pytest.approx(1.0) and rows[(0.0, "ar")]["bandwidth_gb_s"] > 0
-    assert rows[(0.0, "ar")]["vs_base_ar"] == pytest.approx(1.0)
+    assert rows[(0.0, "ar")]["vs_base_ar"] == pytest.approx(1.0) and rows[(0.0, "ar")]["paired_roofline_fraction"] > 0
     # resident weights + caches are part of every configuration's memory
     assert rows[(0.0, "ar")]["peak_mem_mb"] * 2**20 >= res["roofline"]["model_bytes"]["fp32"]
     assert rows[(0.0, "lookup")]["identical"] == 2 and rows[(0.0, "lookup")]["compared"] == 2
@@ -189,9 +194,25 @@ def test_summary_statistics():
     assert ea["accept_hist"] == [1, 3, 6] and ea["accept_by_depth"] == pytest.approx([0.9, 0.6])
     assert (ea["identical"], ea["compared"], ea["first_divergence_min"]) == (1, 2, 7)
     assert "identical" not in ar and ar["tau"] == 1.0
+    assert "paired_roofline_fraction" not in ar                  # records without per-prompt probes
     assert benchmark.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert benchmark.first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert benchmark.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_paired_roofline_uses_each_prompts_probe():
+    # 1e9 bytes a token; prompt a: 10 tokens in 1 s beside a 20 GB/s probe, b: 60 tokens in 3 s beside 40 GB/s
+    recs = [{**rec("ar", "a", 10.0, 1.0), "probe_gb_s": 20.0}, {**rec("ar", "b", 20.0, 3.0), "probe_gb_s": 40.0}]
+    row = benchmark.summarize(recs, {"bf16": 1e9}, {"tok_s": {"bf16": 40.0}})[0]
+    assert row["roofline_fraction"] == pytest.approx(17.5 / 40.0)         # against the best probe alone
+    assert row["paired_roofline_fraction"] == pytest.approx(70e9 / (1.0 * 20e9 + 3.0 * 40e9))
+    assert "(44% of roofline, 50% paired)" in benchmark.markdown_table([row])
+
+
+def test_probe_buffer_is_what_it_measures():
+    buf = benchmark._probe_buffer(8 << 20, "cpu")
+    assert buf.dtype == torch.float32 and buf.numel() == 2 << 20 and bool((buf == 1).all())
+    assert benchmark.measure_bandwidth("cpu", repeats=2, buffer=buf) > 0
 
 
 def test_readme_perf_rewrites_only_the_block(tmp_path):
