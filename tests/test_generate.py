@@ -301,6 +301,20 @@ def test_gemm_micro_kernels_are_forced_inline():
         y, codes = run_and_get_code(torch.compile(half, fullgraph=True, options=generate.TEMPLATE_ONLY_OPTIONS), xh)
         torch.testing.assert_close(y.float(), xh.float() @ half.weight.float().T, rtol=0.02, atol=0.02)
     assert generate._MICRO_GEMM_HALF_LOAD_FIXED in "\n".join(codes)
+    # bf16 x bf16 on a CPU with AVX512-BF16: pairs of k through vdpbf16ps (an odd K leaves its last step to the
+    # FMA loop), and the FX-graph cache key says so. Checked against fp32 math at 1, 4 and 8 rows.
+    dp = torch.cpu._is_avx512_bf16_supported()
+    assert ("vdpbf16ps" in cpp_micro_gemm.CppMicroGemmFP32Vec.TEMPLATE_KERNEL) == dp
+    assert inductor_config.post_grad_custom_post_pass.uuid().endswith("-dpbf16") == dp
+    if dp and not torch.cpu._is_amx_tile_supported():     # with AMX, bf16 matmuls take the AMX micro-kernel
+        assert "vdpbf16ps" in "\n".join(codes)
+    odd = torch.nn.Linear(65, 96, bias=False).to(torch.bfloat16)
+    for rows in (1, 4, 8):
+        torch._dynamo.reset()
+        xo = torch.randn(rows, 65, dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = torch.compile(odd, fullgraph=True, options=generate.TEMPLATE_ONLY_OPTIONS)(xo)
+        torch.testing.assert_close(y.float(), xo.float() @ odd.weight.float().T, rtol=0.02, atol=0.02)
     torch._dynamo.reset()
 
 
