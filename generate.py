@@ -277,7 +277,8 @@ _MICRO_GEMM_HALF_LOAD_FIXED = "at::vec::load_to_float(B + k * ldb + col * VLEN, 
 # compute-bound in fp32 FMAs. A C++ test of the same loops on a 49152x576 bf16 matrix (AMD EPYC, 2 threads,
 # 2026-12-07): 1 row 47-50 vs 41-47 GB/s, 4 rows 41-43 vs 48, 8 rows 23-24 vs 38-40 (FMA vs vdpbf16ps). The
 # instruction is written as inline assembly because Inductor compiles for an AVX512-VNNI CPU without
-# -mavx512bf16 (VecAVX512VNNI.build_arch_flags drops it), and the loop is only emitted where the CPU has it.
+# -mavx512bf16 (VecAVX512VNNI.build_arch_flags drops it), and the loop is only emitted where the CPU has it
+# and Inductor builds for AVX-512.
 # Products are exact in fp32 either way; the pair's two products are summed before they are added, which moves
 # bf16 results by fp32 rounding only.
 _MICRO_GEMM_K_LOOP = ("    for (int k = 0; k < K; ++k) {\n"
@@ -324,6 +325,7 @@ def inline_gemm_micro_kernels() -> bool:
     import torch._inductor.compile_fx  # noqa: F401  (imports the codegen modules in their working order)
     import torch._inductor.config as inductor_config
     from torch._inductor.codegen import cpp_micro_gemm
+    from torch._inductor.cpu_vec_isa import VecAVX512, pick_vec_isa   # AVX2 builds lack the 512-bit intrinsics
     from torch._inductor.custom_graph_pass import CustomGraphPass
     patched = False
     for name in ("CppMicroGemmFP32Vec", "CppMicroGemmWoQInt4Avx512"):
@@ -336,7 +338,7 @@ def inline_gemm_micro_kernels() -> bool:
         if _MICRO_GEMM_HALF_LOAD in src:
             cls.TEMPLATE_KERNEL = src = src.replace(_MICRO_GEMM_HALF_LOAD, _MICRO_GEMM_HALF_LOAD_FIXED)
         if (name == "CppMicroGemmFP32Vec" and src.count(_MICRO_GEMM_K_LOOP) == 1 and "pair_idx" not in src
-                and torch.cpu._is_avx512_bf16_supported()):
+                and torch.cpu._is_avx512_bf16_supported() and isinstance(pick_vec_isa(), VecAVX512)):
             cls.TEMPLATE_KERNEL = src.replace(_MICRO_GEMM_K_LOOP, _MICRO_GEMM_K_LOOP_DPBF16)
         patched = patched or _MICRO_GEMM_INLINE in cls.TEMPLATE_KERNEL
     if patched and inductor_config.post_grad_custom_post_pass is None:

@@ -353,10 +353,10 @@ def measure_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 10, buf
 
 def _probe_buffer(nbytes: int, device: str) -> torch.Tensor:
     """nbytes of fp32 ones. On a Linux CPU the buffer is 2 MiB-aligned and advised into transparent huge
-    pages before it is touched: with 4 KiB pages the same sum read 28 GB/s where it read 33.5 with huge pages
-    (AMD EPYC, 2026-12-07, one process), and the compiled bf16 decode step's matmuls read ~33 GB/s from the
-    model's ordinary pages, so a 4 KiB probe would understate what the memory gives and flatter the roofline
-    fraction. Elsewhere (or if madvise is missing) it is an ordinary tensor."""
+    pages before it is touched, so the probe reads as fast as any buffer can and the roofline errs high, never
+    low. On an AMD EPYC (2026-12-07) huge pages read 33.5 GB/s where 4 KiB pages read 28 in one measurement and
+    the same in others (57-63 GB/s both); decoding was equally fast with its weights in either kind of page.
+    Elsewhere (or if madvise is missing) it is an ordinary tensor."""
     if device != "cpu":
         return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     huge = 2 << 20
