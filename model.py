@@ -148,6 +148,17 @@ def narrow_mask(mask: Tensor, width: int) -> Tensor:
 # MT-bench prompts (256 tokens, lookup nodes on) EAGLE went 103.0 -> 107.5 tok/s, all outputs identical. Past
 # that it is mixed: at 12 tokens (36 rows) SDPA was faster (31.1 vs 34.8 ms), at 16 slower.
 FEW_ROWS = 24
+# Where it builds (AVX-512 CPUs), generate.load_cpu_attention sets this to torch.ops.eaglet.few_rows_attention
+# (attention_cpu.cpp) and compiled CPU attention of up to FEW_ROWS rows runs that kernel instead of
+# few_rows_attention. In one process on an AMD EPYC (2026-12-07, compiled bf16 SmolLM2-135M forward at 300
+# cached slots, medians of 60 interleaved calls): 1 token 10.99 -> 10.74 ms, 4 tokens 12.64 -> 11.56, 8 tokens
+# 15.66 -> 14.05. The one-token gain is small because Inductor fused RoPE and the cache write into its own
+# attention loops; a kernel call leaves them to a kernel of their own. The kernel also beats SDPA where
+# few_rows_attention does not, so it takes up to KERNEL_ROWS rows per kv head: 30 compiled layers, 3 kv heads,
+# 320 slots, same EPYC, medians of 40, per layer, SDPA against the kernel: bf16 24 rows 100 vs 54 us, 36 rows
+# 129 vs 67, 48 rows 140 vs 81, 72 rows 221 vs 118; fp32 24 rows 112 vs 67, 48 rows 255 vs 185.
+FEW_ROWS_KERNEL = None
+KERNEL_ROWS = 64
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -283,15 +294,20 @@ class Attention(nn.Module):
             # (see visible_width); a full-width mask makes this a no-op view
             k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         rep = self.n_head // self.n_kv
-        if rep > 1:
-            # GQA without copying the cache: the `rep` query heads sharing a kv head become extra query
-            # rows of that head (head h = j*rep + r uses kv head j, as repeat_interleave would).
-            q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
-            mask = mask.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(mask.shape[0], 1, rep * T, -1)
-        if q.device.type == "cpu" and q.shape[-2] <= FEW_ROWS and torch.compiler.is_compiling():
-            y = few_rows_attention(q, k, v, mask)
+        # GQA without copying the cache: the `rep` query heads sharing a kv head become extra query rows of
+        # that head (head h = j*rep + r uses kv head j, as repeat_interleave would).
+        q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
+        compiled_cpu = q.device.type == "cpu" and torch.compiler.is_compiling()
+        if (compiled_cpu and FEW_ROWS_KERNEL is not None and rep * T <= KERNEL_ROWS
+                and self.head_dim % 16 == 0 and self.head_dim <= 128):
+            y = FEW_ROWS_KERNEL(q, k, v, mask)    # stacked row r reads mask row r % T: no expanded mask
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if rep > 1:
+                mask = mask.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(mask.shape[0], 1, rep * T, -1)
+            if compiled_cpu and rep * T <= FEW_ROWS:
+                y = few_rows_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.view(B, self.n_head, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
 

@@ -397,6 +397,83 @@ def test_few_rows_attention_matches_sdpa():
         assert (out.float() - ref).abs().max().item() < tol
 
 
+needs_avx512 = pytest.mark.skipif(not torch.cpu._is_avx512_supported(),
+                                  reason="attention_cpu.cpp is built for AVX-512 CPUs only")
+
+
+@needs_avx512
+def test_cpu_attention_kernel_matches_sdpa():
+    """attention_cpu.cpp against SDPA on fp32-upcast inputs: each dtype, head dims 16..128 (odd multiples of
+    16 too), rows stacked over a smaller mask (GQA), widths not a multiple of 16, strided cache views, a
+    per-batch mask, and a row whose visible slots all fall in the first of the slot chunks the two threads
+    split (the other chunk adds nothing)."""
+    import torch.nn.functional as F
+    op = generate.load_cpu_attention()
+    assert op is not None, "the kernel must build on an AVX-512 CPU with a compiler"
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+            for D in (16, 48, 64, 128):
+                for B, H, R, W, Rm in ((1, 3, 3, 320, 1), (1, 3, 24, 301, 8), (2, 2, 5, 17, 5), (1, 1, 1, 1, 1),
+                                       (2, 3, 12, 200, 4)):
+                    q = torch.randn(B, H, R, D, generator=g).to(dtype)
+                    k, v = (torch.randn(B, H, W + 9, D, generator=g).to(dtype)[:, :, :W] for _ in range(2))
+                    mask = torch.rand(B, 1, Rm, W, generator=g) < 0.6
+                    mask[..., 0] = True
+                    mask[:, :, -1, max(1, W // 4):] = False  # last mask row: only the first quarter visible
+                    rows = mask.repeat(1, 1, R // Rm, 1)        # stacked row r uses mask row r % Rm
+                    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=rows)
+                    out = op(q, k, v, mask)
+                    assert out.dtype == dtype and out.shape == q.shape
+                    err = (out.float() - ref).abs().max().item()
+                    assert err < tol, (dtype, D, B, H, R, W, Rm, err)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_avx512
+def test_cpu_attention_kernel_rows_do_not_depend_on_their_neighbours():
+    """A row's result must be bit-identical whether it comes alone (a decode step) or with the rows of a tree
+    verify: greedy speculative decoding in fp32 relies on the verify reproducing what plain decoding computes."""
+    op = generate.load_cpu_attention()
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 3, 24, 64, generator=g).to(dtype)
+        k, v = (torch.randn(1, 3, 300, 64, generator=g).to(dtype) for _ in range(2))
+        mask = torch.rand(1, 1, 24, 300, generator=g) < 0.7
+        mask[..., 0] = True
+        together = op(q, k, v, mask)
+        for r in (0, 5, 23):
+            alone = op(q[:, :, r:r + 1], k, v, mask[:, :, r:r + 1])
+            assert torch.equal(alone, together[:, :, r:r + 1])
+
+
+@needs_avx512
+@pytest.mark.parametrize("kernel", [True, False])
+def test_compiled_forward_attention_with_and_without_the_kernel(tiny_ckpt, monkeypatch, kernel):
+    """A compiled CPU forward of a few tokens calls the C++ kernel when it is loaded (and the PyTorch loops
+    when it is not); both match the eager forward (SDPA)."""
+    from torch._inductor.utils import run_and_get_code
+    import model as M
+    op = generate.load_cpu_attention()
+    monkeypatch.setattr(M, "FEW_ROWS_KERNEL", op if kernel else None)
+    m = load_model(tiny_ckpt[0], "cpu", torch.float32)
+    m.setup_caches(1, 64)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, m.args.vocab_size, (1, 12), generator=g)
+    with torch.no_grad():
+        m(tokens[:, :8], torch.arange(8), m.causal_rows(0, 8))
+        eager = m(tokens[:, 8:], torch.arange(8, 12), m.causal_rows(8, 12))
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(m, fullgraph=True), tokens[:, 8:], torch.arange(8, 12),
+                                      m.causal_rows(8, 12))
+    torch._dynamo.reset()
+    assert ("eaglet.few_rows_attention" in "\n".join(codes)) is kernel
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+
+
 def test_realized_query_is_computed_once_not_per_cache_slot():
     """model._realized must make Inductor store q in a buffer of its own: if the prim stops doing that (a
     PyTorch upgrade), q's RoPE moves back into the score loop, recomputed for every slot, and attention in
@@ -440,6 +517,7 @@ def test_tree_mask_is_computed_once_per_forward_not_per_layer(tiny_ckpt, monkeyp
         return m(tokens[None], L + torch.arange(4), mask, L + anc.sum(1) - 1)
 
     def run(share):
+        monkeypatch.setattr(M, "FEW_ROWS_KERNEL", None)   # the PyTorch loops (the C++ kernel reads the mask once)
         if not share:
             monkeypatch.setattr(M, "_shared_mask", lambda mask: mask)
         torch._dynamo.reset()
