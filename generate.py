@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+import cpu_kernels
 import model as model_lib
 from checkpoint import UserError, load_model, model_bytes, run_cli
 from speculative import sample
@@ -254,46 +255,13 @@ def cpu_inductor_settings() -> None:
     load_cpu_attention()
 
 
-_cpu_attention_tried = False
-
-
 def load_cpu_attention():
-    """Build and load attention_cpu.cpp (torch.ops.eaglet.few_rows_attention) and make compiled CPU attention
-    of a few rows use it (model.FEW_ROWS_KERNEL). Built once per source and compiler flags, under torch's
-    extensions directory (TORCH_EXTENSIONS_DIR; ~25 s the first time). Returns the op, or None where the CPU
-    lacks AVX-512 or the build fails (one line on stderr says so); the model then keeps its PyTorch
-    formulation (model.few_rows_attention), which computes the same thing."""
-    global _cpu_attention_tried
-    if _cpu_attention_tried or not torch.cpu._is_avx512_supported():
-        return model_lib.FEW_ROWS_KERNEL
-    _cpu_attention_tried = True
-    flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mf16c",
-             "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]   # at::vec's AVX-512 code, as Inductor's kernels
-    name = "eaglet_attention"
-    if torch.cpu._is_avx512_bf16_supported():
-        flags.append("-mavx512bf16")
-        name += "_bf16"
-    try:
-        import shutil
-        if shutil.which("ninja") is None:   # the PyPI wheel's binary, when its bin dir is not on PATH (pyenv)
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        from torch.utils.cpp_extension import load
-        load(name, [str(ROOT / "attention_cpu.cpp")], extra_cflags=flags,
-             extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as e:   # no compiler, no ninja, a toolchain without these flags: keep the PyTorch path
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"eaglet: the C++ attention kernel did not build ({why}); compiled CPU attention stays in "
-              "PyTorch (slower)", file=sys.stderr)
-        return None
-    op = torch.ops.eaglet.few_rows_attention
-
-    @torch.library.register_fake("eaglet::few_rows_attention")
-    def _(q, k, v, mask):
-        return q.new_empty(q.shape)
-
-    model_lib.FEW_ROWS_KERNEL = op
-    return op
+    """Make compiled CPU attention of a few rows use the C++ kernel (cpu_kernels: attention_cpu.cpp) by setting
+    model.FEW_ROWS_KERNEL. Returns the op, or None where the CPU lacks AVX-512 or the build fails; the model
+    then keeps its PyTorch formulation (model.few_rows_attention), which computes the same thing."""
+    if cpu_kernels.load():
+        model_lib.FEW_ROWS_KERNEL = torch.ops.eaglet.few_rows_attention
+    return model_lib.FEW_ROWS_KERNEL
 
 
 # Inductor's C++ GEMM template (fp32 compute: fp32 and bf16/fp16 weights without AMX, weight-only int8/int4) runs

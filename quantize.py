@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import cpu_kernels
 from checkpoint import UserError, atomic_save, read_checkpoint, run_cli
 
 MODES = ("int8", "int4", "int4-gptq")
@@ -135,6 +136,19 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack([p >> 4, p & 0xF], dim=-1).reshape(packed.shape[0], -1)
 
 
+def pack_int4_for_eaglet_cpu(q: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes int [N, K] (N a multiple of 16, K of 8) and scales_and_zeros [K/g, N, 2] → the layout of
+    int4_cpu.cpp: codes uint8 [N/16, K/8, 16, 4] (lane l of block b holds row 16b+l's codes for 8 columns,
+    nibbles k0 k2 k4 k6 k1 k3 k5 k7 from bit 0 up) and bf16 [K/g, N/16, 2, 16] (16 scales, then 16 zeros)."""
+    n, k = q.shape
+    c = q.to(torch.uint8).reshape(n // 16, 16, k // 8, 8).permute(0, 2, 1, 3)
+    codes = torch.stack([c[..., 0] | c[..., 2] << 4, c[..., 4] | c[..., 6] << 4,
+                         c[..., 1] | c[..., 3] << 4, c[..., 5] | c[..., 7] << 4], dim=-1).contiguous()
+    g = scales_and_zeros.shape[0]
+    sz = scales_and_zeros.reshape(g, n // 16, 16, 2).permute(0, 1, 3, 2).to(torch.bfloat16).contiguous()
+    return codes, sz
+
+
 def dequantize_int4(q: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
     """float32 [out, k] reference dequantization (tests, GPTQ, eval)."""
     out, k = q.shape
@@ -197,7 +211,8 @@ class WeightOnlyInt8Linear(nn.Module):
 
 class WeightOnlyInt4Linear(nn.Module):
     """Groupwise asymmetric int4. Holds the file layout until `prepare(device)` repacks it for the device's
-    kernel: CPU `_weight_int4pack_mm_for_cpu`, CUDA `_weight_int4pack_mm` (tinygemm)."""
+    kernel: on CPUs with AVX512-BF16 our `eaglet::int4_mm` (int4_cpu.cpp, via cpu_kernels), on other CPUs
+    aten's `_weight_int4pack_mm_for_cpu`, on CUDA `_weight_int4pack_mm` (tinygemm)."""
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False,
                  dtype=torch.bfloat16, device=None):
@@ -216,7 +231,7 @@ class WeightOnlyInt4Linear(nn.Module):
     def prepare(self, device) -> None:
         """File layout → the packed layout of `device`'s kernel (which depends on the PyTorch version)."""
         kind = torch.device(device).type
-        if self.packed_for == kind:
+        if self.packed_for == kind or (self.packed_for == "eaglet-cpu" and kind == "cpu"):
             return
         if self.packed_for is not None:
             raise RuntimeError("WeightOnlyInt4Linear is already packed for another device; reload the file")
@@ -228,7 +243,10 @@ class WeightOnlyInt4Linear(nn.Module):
         if n_pad != self.out_features:
             q = F.pad(q, (0, 0, 0, n_pad - self.out_features), value=8)
             sz = F.pad(sz, (0, 0, 0, n_pad - self.out_features))
-        if kind == "cpu":
+        if kind == "cpu" and cpu_kernels.int4_available():
+            packed, sz = pack_int4_for_eaglet_cpu(q, sz)
+            kind = "eaglet-cpu"
+        elif kind == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         elif kind == "cuda":
             # tinygemm wants in_features % (inner_k_tiles * 16) == 0; 8 tiles is the fast case.
@@ -246,7 +264,10 @@ class WeightOnlyInt4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        if self.packed_for == "cpu":
+        if self.packed_for == "eaglet-cpu":
+            y = torch.ops.eaglet.int4_mm(x2 if x2.dtype != torch.float16 else x2.float(), self.weight,
+                                         self.scales_and_zeros, self.groupsize).to(x.dtype)
+        elif self.packed_for == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.groupsize,
                                                            self.scales_and_zeros.to(x.dtype))
         elif self.packed_for == "cuda":

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cpu_kernels
 import quantize
 from checkpoint import UserError, atomic_save, load_model, read_checkpoint
 from quantize import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, dequantize_int4, pack_int4, quantize_int4,
@@ -16,6 +17,11 @@ from tiny import tiny_config, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# int4 on CPU: our kernel (int4_cpu.cpp) where the CPU has AVX512-BF16, and aten's everywhere
+INT4_BACKENDS = (["cpu"] + (["cpu-aten"] if cpu_kernels.int4_available() else [])
+                 + (["cuda"] if torch.cuda.is_available() else []))
+needs_int4_kernel = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(),
+                                       reason="int4_cpu.cpp is built for CPUs with AVX512-BF16 only")
 
 
 def rel_err(y, ref):
@@ -32,11 +38,20 @@ def int8_module(w, bias=None, dtype=torch.float32):
 
 
 def int4_module(w, groupsize, device="cpu", dtype=torch.float32):
+    """device "cpu-aten": on the CPU with aten's kernel even where ours is available."""
     q, sz = quantize_int4(w, groupsize)
     m = WeightOnlyInt4Linear(w.shape[1], w.shape[0], groupsize, dtype=dtype)
     m.weight, m.scales_and_zeros = pack_int4(q), sz.to(dtype)
+    device, aten = device.split("-")[0], device.endswith("-aten")
     m.to(device)
-    m.prepare(device)
+    available = cpu_kernels.int4_available
+    cpu_kernels.int4_available = (lambda: False) if aten else available
+    try:
+        m.prepare(device)
+    finally:
+        cpu_kernels.int4_available = available
+    expected = {"cuda": "cuda", "cpu": "eaglet-cpu" if cpu_kernels.int4_available() and not aten else "cpu"}
+    assert m.packed_for == expected[device]
     return m, dequantize_int4(q, sz, groupsize)[:, :w.shape[1]]
 
 
@@ -89,38 +104,65 @@ def test_int8_linear_matches_dequantized(rows, dtype):
     assert rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", INT4_BACKENDS)
 @pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
 @pytest.mark.parametrize("rows", [1, 33])
 def test_int4_linear_matches_dequantized(device, groupsize, rows):
     torch.manual_seed(groupsize + rows)
     w = torch.randn(64, 512)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     m, wd = int4_module(w, groupsize, device, dtype)
-    x = torch.randn(1, rows, 512, device=device).to(dtype)
-    y = m(x)
+    x = torch.randn(1, rows, 512).to(dtype)
+    y = m(x.to(m.weight.device))
     assert y.shape == (1, rows, 64)
-    ref = x.float() @ wd.to(device).t()
-    assert rel_err(y, ref) < (1e-4 if dtype == torch.float32 else 2e-2)
+    ref = x.float() @ wd.t()
+    assert rel_err(y.cpu(), ref) < (1e-4 if dtype == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", INT4_BACKENDS)
 def test_int4_pads_odd_shapes(device):
     # in_features not a multiple of the group size (pad columns), out_features not a multiple of 16 (pad rows)
     torch.manual_seed(1)
     w = torch.randn(40, 96)
-    m, wd = int4_module(w, 64, device, torch.float32 if device == "cpu" else torch.bfloat16)
-    assert m.weight.shape[0] >= 48 and m.in_padded == 128
-    x = torch.randn(3, 96, device=device).to(m.scales_and_zeros.dtype)
-    assert rel_err(m(x), x.float() @ wd.to(device).t()) < 2e-2
+    m, wd = int4_module(w, 64, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    assert m.out_padded == 48 and m.in_padded == 128
+    x = torch.randn(3, 96).to(m.scales_and_zeros.dtype)
+    assert rel_err(m(x.to(m.weight.device)).cpu(), x.float() @ wd.t()) < 2e-2
 
 
-def test_int4_bf16_cpu():
+@pytest.mark.parametrize("device", ["cpu", "cpu-aten"])
+def test_int4_bf16_cpu(device):
+    if device == "cpu-aten" and "cpu-aten" not in INT4_BACKENDS:
+        pytest.skip("aten is the only CPU int4 kernel here")
     torch.manual_seed(2)
     w = torch.randn(32, 256)
-    m, wd = int4_module(w, 32, "cpu", torch.bfloat16)
+    m, wd = int4_module(w, 32, device, torch.bfloat16)
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     assert rel_err(m(x), x.float() @ wd.t()) < 2e-2
+
+
+@needs_int4_kernel
+def test_int4_cpu_kernel_exact_up_to_fp32_rounding_and_row_independent():
+    """int4_cpu.cpp computes s * sum(x (q - 8)) + z * sum(x) per group with exact products: fp32 results match
+    the dequantized float64 product to fp32 rounding (and bf16 ones to bf16's), at every row count the kernel
+    tiles differently (1, 2-3, 4+, remainders), for SmolLM2's shapes and each group size. A row's result is
+    bit-identical alone or with others: greedy speculative decoding in fp32 relies on the verify reproducing
+    what plain decoding computes."""
+    assert cpu_kernels.int4_available(), "the kernel must build on an AVX512-BF16 CPU with a compiler"
+    g = torch.Generator().manual_seed(0)
+    for (n, k, gs) in ((960, 576, 32), (576, 1536, 64), (48, 256, 128), (32, 512, 256), (16, 64, 32)):
+        q, sz = quantize_int4(torch.randn(n, k, generator=g), gs)
+        codes, psz = quantize.pack_int4_for_eaglet_cpu(q, sz)
+        ref_w = dequantize_int4(q, sz.to(torch.bfloat16), gs).double()
+        for rows in (1, 2, 3, 4, 5, 8, 13):
+            for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+                x = torch.randn(rows, k, generator=g).to(dtype)
+                y = torch.ops.eaglet.int4_mm(x, codes, psz, gs)
+                assert y.dtype == dtype and y.shape == (rows, n)
+                err = rel_err(y.double(), x.double() @ ref_w.t())
+                assert err < tol, (n, k, gs, rows, dtype, err)
+                for r in (0, rows - 1):
+                    assert torch.equal(torch.ops.eaglet.int4_mm(x[r:r + 1], codes, psz, gs), y[r:r + 1])
 
 
 def test_int4_unprepared_module_refuses():
