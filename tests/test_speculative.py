@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import cpu_kernels
+
 import eagle_draft as E
 import speculative as SP
 from model import ModelArgs, Transformer
@@ -296,6 +298,12 @@ def test_build_drafter_lookup_branch_defaults(target, tmp_path):
     assert isinstance(SP.build_drafter("eagle", q8, draft_path=path, device="cpu"), E.EagleDrafter)
     assert isinstance(SP.build_drafter("eagle", q8, draft_path=path, device="cpu", lookup_branch=3),
                       SP.LookupBranchDrafter)
+    # int4 gets them where it runs eaglet's kernel (cheap 8-row matmuls), not on aten's
+    q4 = quantize.quantize_module(copy.deepcopy(half), "int4", 32)
+    on_kernel = any(getattr(m, "packed_for", None) == "eaglet-cpu" for m in q4.modules())
+    assert on_kernel == cpu_kernels.int4_available()
+    assert type(SP.build_drafter("eagle", q4, draft_path=path, device="cpu")) is (
+        SP.LookupBranchDrafter if on_kernel else E.EagleDrafter)
 
 
 def test_stops_eos_max_tokens_and_cache_end(target, trained):
