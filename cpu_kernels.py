@@ -40,8 +40,8 @@ def load() -> bool:
         if shutil.which("ninja") is None:   # the PyPI wheel's binary, when its bin dir is not on PATH (pyenv)
             import ninja
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        from torch.utils.cpp_extension import _get_build_directory, load as build
-        if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
+        from torch.utils.cpp_extension import load as build
+        if not _built_before(name):
             print("eaglet: building the C++ CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
         build(name, [str(ROOT / s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
               is_python_module=False)
@@ -62,6 +62,16 @@ def load() -> bool:
 
     _loaded = True
     return True
+
+
+def _built_before(name: str) -> bool:
+    """Whether torch's extensions directory already holds a build of `name` (only decides whether to say that
+    a build is starting; torch itself decides whether to rebuild)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory   # private: may move in another torch
+        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
+    except Exception:
+        return True
 
 
 def int4_available() -> bool:
