@@ -15,11 +15,11 @@
 // 7.0 against 11.4. In the compiled SmolLM2 int4 forward (against Inductor's int4 template, one process):
 // 1 token 6.88 -> 6.23 ms, 8 tokens 17.33 -> 12.20 ms.
 //
-// Packed layout (quantize.pack_int4_for_eaglet_cpu, done at load time from the file's codes): codes [N/16, K/8, 16, 4] uint8. For
-// output block b (rows 16b..16b+15) and k-octet j, lane l's 32-bit word holds the codes of row 16b+l, columns
-// 8j..8j+7, nibbles ordered k0 k2 k4 k6 k1 k3 k5 k7 from bit 0 up: shifted right by 4p, the low 16-bit half
-// starts with k_{2p} and the high half with k_{2p+1}, which is the pair one vdpbf16ps lane takes. Scales and
-// zeros [K/g, N/16, 2, 16] bf16: per group and block, 16 scales then 16 zeros (one 64-byte load).
+// Packed layout (quantize.pack_int4_for_eaglet_cpu, done at load time from the file's codes): codes [N/16, K/8,
+// 16, 4] uint8. For output block b (rows 16b..16b+15) and k-octet j, lane l's 32-bit word holds the codes of row
+// 16b+l, columns 8j..8j+7, nibbles ordered k0 k2 k4 k6 k1 k3 k5 k7 from bit 0 up: shifted right by 4p, the low
+// 16-bit half starts with k_{2p} and the high half with k_{2p+1}, which is the pair one vdpbf16ps lane takes.
+// Scales and zeros [K/g, N/16, 2, 16] bf16: per group and block, 16 scales then 16 zeros (one 64-byte load).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -148,15 +148,15 @@ def narrow_mask(mask: Tensor, width: int) -> Tensor:
 # MT-bench prompts (256 tokens, lookup nodes on) EAGLE went 103.0 -> 107.5 tok/s, all outputs identical. Past
 # that it is mixed: at 12 tokens (36 rows) SDPA was faster (31.1 vs 34.8 ms), at 16 slower.
 FEW_ROWS = 24
-# Where it builds (AVX-512 CPUs), generate.load_cpu_attention (via cpu_kernels) sets this to torch.ops.eaglet.few_rows_attention
-# (attention_cpu.cpp) and compiled CPU attention of up to KERNEL_ROWS rows per kv head runs that kernel instead
-# of few_rows_attention or SDPA. In one process on an AMD EPYC (2026-12-07, compiled bf16 SmolLM2-135M forward at 300
-# cached slots, medians of 60 interleaved calls): 1 token 10.99 -> 10.74 ms, 4 tokens 12.64 -> 11.56, 8 tokens
-# 15.66 -> 14.05. The one-token gain is small because Inductor fused RoPE and the cache write into its own
-# attention loops; a kernel call leaves them to a kernel of their own. The kernel also beats SDPA where
-# few_rows_attention does not, so it takes up to KERNEL_ROWS rows per kv head: 30 compiled layers, 3 kv heads,
-# 320 slots, same EPYC, medians of 40, per layer, SDPA against the kernel: bf16 24 rows 100 vs 54 us, 36 rows
-# 129 vs 67, 48 rows 140 vs 81, 72 rows 221 vs 118; fp32 24 rows 112 vs 67, 48 rows 255 vs 185.
+# Where it builds (AVX-512 CPUs), generate.load_cpu_attention (via cpu_kernels) sets this to
+# torch.ops.eaglet.few_rows_attention (attention_cpu.cpp) and compiled CPU attention of up to KERNEL_ROWS rows per
+# kv head runs that kernel instead of few_rows_attention or SDPA. In one process on an AMD EPYC (2026-12-07,
+# compiled bf16 SmolLM2-135M forward at 300 cached slots, medians of 60 interleaved calls): 1 token 10.99 -> 10.74
+# ms, 4 tokens 12.64 -> 11.56, 8 tokens 15.66 -> 14.05. The one-token gain is small because Inductor fused RoPE
+# and the cache write into its own attention loops; a kernel call leaves them to a kernel of their own. The kernel
+# also beats SDPA where few_rows_attention does not, so it takes up to KERNEL_ROWS rows per kv head: 30 compiled
+# layers, 3 kv heads, 320 slots, same EPYC, medians of 40, per layer, SDPA against the kernel: bf16 24 rows 100 vs
+# 54 us, 36 rows 129 vs 67, 48 rows 140 vs 81, 72 rows 221 vs 118; fp32 24 rows 112 vs 67, 48 rows 255 vs 185.
 FEW_ROWS_KERNEL = None
 KERNEL_ROWS = 64
 
