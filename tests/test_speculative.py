@@ -145,6 +145,17 @@ def test_int8_draft_is_lossless_and_keeps_acceptance(target, trained, tmp_path):
     assert sum(int8_tau) > 0.8 * sum(float_tau), (int8_tau, float_tau)
 
 
+def test_int4_target_greedy_lossless(target, trained):
+    """An int4 target (on eaglet's int4 kernel where the CPU has AVX512-BF16) verifying a tree with lookup nodes
+    in fp32: the verify's rows must reproduce the one-row decode bit for bit, so the output is plain greedy's."""
+    import quantize
+    t = quantize.quantize_module(copy.deepcopy(target), "int4", 32)
+    assert any(getattr(m, "packed_for", None) == "eaglet-cpu" for m in t.modules()) == cpu_kernels.int4_available()
+    prompts = _prompts(21, 3) + _repetitive_prompts(22, 2)     # the draft (bound to the float target) only proposes
+    _check(t, E.EagleDrafter(trained, "dynamic", 4, 3, 10), prompts, 32)
+    _check(t, SP.LookupBranchDrafter(E.EagleDrafter(trained, "dynamic", 3, 2, 4), k=4), prompts, 32)
+
+
 def test_quantized_target_gives_the_draft_its_head_rows(target):
     """With an int8 target the draft scores its vocabulary with the quantized head's own rows (materialised
     once), not by running the whole quantized head at every draft step."""
