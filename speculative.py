@@ -781,8 +781,8 @@ def default_lookup_branch(target, device) -> int:
     from generate import linear_kind
     if torch.device(device).type == "cpu":
         kind = linear_kind(target)
-        int4_kernel = any(getattr(m, "packed_for", None) == "eaglet-cpu" for m in target.modules())
-        if (kind == "quant" and not int4_kernel) or (kind == "half" and cpu_has_amx()):
+        if (kind == "quant" and not any(getattr(m, "packed_for", None) == "eaglet-cpu" for m in target.modules())
+                or kind == "half" and cpu_has_amx()):
             return 0
     return LOOKUP_BRANCH
 
