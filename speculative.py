@@ -732,7 +732,9 @@ HALF_CPU_TREE = dict(depth=6, topk=4, tokens=16)
 # registers (generate.TEMPLATE_ONLY_OPTIONS, generate._MICRO_GEMM_HALF_LOAD) a 4-token bf16 round costs ~1.3-1.4
 # plain steps there (2026-12-07: verify 13.3 ms, the draft's update 2.0 ms, plain step 12.0 ms on a slow
 # moment), and with lookup nodes bf16 EAGLE was 1.53x plain decoding at τ 2.51 (20 MT-bench prompts,
-# docs/perf-bf16).
+# docs/perf-bf16). Rechecked in bf16 after the dot-product micro-kernel and the C++ attention (EPYC, 2026-12-07,
+# 8 MT-bench prompts, one process, lookup nodes on): 4 tokens 1.59x at τ 2.52, 8 tokens 1.26-1.27x at τ
+# 2.69-2.80 (depth 4 / 5), 12 tokens 1.05x, 16 tokens 1.00x at τ 3.10 (README, "EAGLE in bf16" (5)).
 SMALL_CPU_TREE = dict(depth=3, topk=2, tokens=4)
 LOOKUP_K, DRAFT_LM_K = 6, 4
 # EAGLE trees at temperature 0 get this many prompt-lookup nodes (LookupBranchDrafter).
@@ -809,32 +811,51 @@ def shipped_draft(target):
     return None
 
 
-def measure_verify_cost(target, ns=range(1, 65), reps: int = 3, forward=target_tree_forward) -> dict:
+def measure_verify_cost(target, ns=range(1, 65), reps: int = 3, forward=target_tree_forward,
+                        progress=None) -> dict:
     """Seconds for one target forward over n tree tokens on top of a half-full cache, for each n (the
-    median of `reps`). Uses the caches as they are (set them up first); leaves their content dirty."""
+    median of `reps`). Every n is called once first (with --compile, that compiles it; progress(n) is
+    called after), then the reps go round all the n in turn: this machine's memory changes speed from one
+    minute to the next, and timing the sizes one after the other had put n = 2 at 1.48x n = 1 and n = 3 at
+    1.10x (bf16, compiled, EPYC, 2026-12-07). Uses the caches as they are (set them up first); leaves their
+    content dirty."""
     dev = target.tok_embeddings.weight.device
     S = target.max_seq_length
+    ns = list(ns)
     L = torch.tensor(max(0, min(S // 2, S - max(ns) - 1)), device=dev)
-    out = {}
+    trees = {n: chain_tree(torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev))
+             for n in ns}
+
+    def once(n):
+        t = time.perf_counter()
+        lg, _ = verify(target, trees[n], L, forward, int(L))
+        float(lg[0, 0])
+        return time.perf_counter() - t
+
+    times = {n: [] for n in ns}
     # every n is its own graph: lift Dynamo's per-function recompile limit (8) for the sweep, or a
     # compiled `forward` (fullgraph=True) would fail hard at the ninth size (n ≤ 64, plus the budgets
     # compiled for decoding)
     with torch._dynamo.config.patch(recompile_limit=128):
         for n in ns:
-            out[n] = _time_verify(target, n, L, reps, forward)
-    return out
+            once(n)
+            if progress is not None:
+                progress(n)
+        for _ in range(reps):
+            for n in ns:
+                times[n].append(once(n))
+    return {n: sorted(v)[len(v) // 2] for n, v in times.items()}
 
 
-def _time_verify(target, n: int, L: Tensor, reps: int, forward) -> float:
-    dev = L.device
-    tree = chain_tree(torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev))
-    times = []
-    for _ in range(reps + 1):     # the first call compiles / warms up
-        t = time.perf_counter()
-        lg, _ = verify(target, tree, L, forward, int(L))
-        float(lg[0, 0])
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
+def verify_cost_forward(target, device):
+    """The compiled tree forward that --tree-tokens auto and --measure-verify time: compiled as decoding's
+    verify is. A bf16/fp16 target on a CPU gets Inductor's C++ GEMM template, which choose_half_verify
+    kept at every tree size it was given on this project's EPYC (4 to 20 rows, 2026-12-07); compile_step's
+    own default for such a target is oneDNN, whose forward cost ~2x the template's at one token there
+    (21.8 against ~11 ms), so the curve it gave was not the cost of any verify decoding runs."""
+    from generate import compile_step, linear_kind
+    half_cpu = torch.device(device).type == "cpu" and linear_kind(target) == "half"
+    return compile_step(target_tree_forward, target, device, template=True if half_cpu else None)
 
 
 def pick_tree_tokens(cost: dict, tau_gain: float = 0.9) -> int:
@@ -861,8 +882,8 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
     dtype = dtype or target.tok_embeddings.weight.dtype
     # --tree-tokens auto times the target's tree forward alone (one graph per budget); decoding runs
     # verify_and_accept, which wraps that forward with acceptance and KV compaction in one graph
-    verify_forward = compile_step(target_tree_forward, target, device) \
-        if compile and tree_tokens == "auto" else target_tree_forward
+    verify_forward = verify_cost_forward(target, device) if compile and tree_tokens == "auto" \
+        else target_tree_forward
     if method == "lookup":
         d = LookupDrafter(k=tree_depth or LOOKUP_K)
     elif method == "draft":
@@ -989,6 +1010,7 @@ def main(argv=None):
     """python speculative.py --measure-verify CHECKPOINT [--compile] [--dtype bf16]: the target's verify
     cost for n = 1..64 tree tokens (what --tree-tokens auto measures), as a table."""
     import argparse
+    import sys
     from checkpoint import load_model
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--measure-verify", required=True, help="target checkpoint (model.pth)")
@@ -1005,15 +1027,14 @@ def main(argv=None):
     target = load_model(a.measure_verify, "cpu", dtype)
     target.setup_caches(1, 512)
     # compiled as generate.py --compile compiles it: time the graph decoding will run
-    from generate import compile_step
-    fwd = compile_step(target_tree_forward, target, "cpu") if a.compile else target_tree_forward
+    fwd = verify_cost_forward(target, "cpu") if a.compile else target_tree_forward
     ns = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64) if n <= a.max_n] if a.coarse \
         else range(1, a.max_n + 1)
-    cost = {}
     with torch.no_grad():
-        for n in ns:
-            cost.update(measure_verify_cost(target, [n], a.reps, fwd))
-            print(f"n={n:3d}  {cost[n] * 1e3:8.2f} ms  x{cost[n] / cost[ns[0]]:.2f}", flush=True)
+        cost = measure_verify_cost(target, ns, a.reps, fwd,
+                                   progress=lambda n: print(f"n={n:3d} ready", file=sys.stderr, flush=True))
+    for n in cost:
+        print(f"n={n:3d}  {cost[n] * 1e3:8.2f} ms  x{cost[n] / cost[min(cost)]:.2f}")
     print(f"--tree-tokens auto would pick {pick_tree_tokens(cost)}")
 
 

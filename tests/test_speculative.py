@@ -585,6 +585,29 @@ def test_measure_verify_cost_compiled_past_recompile_limit(target):
     assert sorted(cost) == [1, 2] and all(c > 0 for c in cost.values())
 
 
+def test_measure_verify_cost_interleaves_sizes(target, monkeypatch):
+    """The verify-cost curve warms every size first, then times the sizes in turn (the machine's memory
+    changes speed minute to minute: sizes timed one after another compare different minutes), and it
+    times a half-precision CPU target with the GEMM template that choose_half_verify keeps, not
+    compile_step's oneDNN default."""
+    t = copy.deepcopy(target)
+    t.setup_caches(1, 64)
+    calls, ready = [], []
+
+    def fwd(tg, tokens, *rest):
+        calls.append(tokens.shape[0])
+        return SP.target_tree_forward(tg, tokens, *rest)
+
+    cost = SP.measure_verify_cost(t, (1, 3), reps=2, forward=fwd, progress=ready.append)
+    assert calls == [1, 3, 1, 3, 1, 3] and ready == [1, 3] and sorted(cost) == [1, 3]
+    import generate as G
+    seen = []
+    monkeypatch.setattr(G, "compile_step", lambda fn, model, device, template=None: seen.append(template))
+    SP.verify_cost_forward(t, "cpu")
+    SP.verify_cost_forward(copy.deepcopy(target).to(torch.bfloat16), "cpu")
+    assert seen == [None, True]
+
+
 def test_cpu_default_draft_vocab(target, tmp_path, monkeypatch):
     """On CPU an EAGLE draft's vocabulary is cut to its CPU_DRAFT_VOCAB most frequent tokens unless
     --draft-vocab says otherwise; a smaller one is kept whole."""
