@@ -776,14 +776,18 @@ def default_lookup_branch(target, device) -> int:
     τ 1.96 without the nodes, 1.49x at τ 2.40 with them (in 22% of the rounds). Before those two changes the
     8-row bf16 verify cost about twice the 4-row one, and the nodes lost there (2026-12-04: 1.22x at τ 2.15
     with, 1.30x at τ 1.94 without; docs/perf-bf16-lookup). Off for the AMX tree (16 tokens, not measured with
-    them) and for weight-only int8, whose template kernels pay per row (not measured). An int4 target on eaglet's
-    own kernel (int4_cpu.cpp), whose 8-row matmuls cost far less than 8 one-row ones, gets them: compiled int4
-    (int4 draft) on the EPYC, 2026-12-07, 4 MT-bench prompts, 256 tokens, EAGLE against plain int4 decoding in
-    the same run, two runs: 0.97x at τ 2.11 without the nodes, 1.25x at τ 2.44 with them."""
+    them) and for int4 on aten's kernel (no AVX512-BF16: its template pays per row; not measured). An int4
+    target on eaglet's own kernel (int4_cpu.cpp), whose 8-row matmuls cost far less than 8 one-row ones, gets them:
+    compiled int4 (int4 draft) on the EPYC, 2026-12-07, 4 MT-bench prompts, 256 tokens, EAGLE against plain int4
+    decoding in the same run, two runs: 0.97x at τ 2.11 without the nodes, 1.25x at τ 2.44 with them. Weight-only
+    int8 gets them too: compiled int8 (int8 draft) on the EPYC, 2026-12-07, 6 MT-bench prompts after a warm-up
+    one, 256 tokens, one process, interleaved with plain int8 decoding at 140-149 tok/s: 1.04x at τ 2.04 without
+    them, 1.29x at τ 3.08 with them (in 34% of the rounds)."""
     from generate import linear_kind
     if torch.device(device).type == "cpu":
         kind = linear_kind(target)
-        if (kind == "quant" and not any(getattr(m, "packed_for", None) == "eaglet-cpu" for m in target.modules())
+        # int4 linears (the only ones with packed_for) not on eaglet's kernel
+        if (kind == "quant" and any(getattr(m, "packed_for", "eaglet-cpu") != "eaglet-cpu" for m in target.modules())
                 or kind == "half" and cpu_has_amx()):
             return 0
     return LOOKUP_BRANCH

@@ -306,15 +306,19 @@ def test_build_drafter_lookup_branch_defaults(target, tmp_path):
     q8 = copy.deepcopy(half)
     quantize.quantize_module(q8, "int8")
     assert linear_kind(q8) == "quant"
-    assert isinstance(SP.build_drafter("eagle", q8, draft_path=path, device="cpu"), E.EagleDrafter)
-    assert isinstance(SP.build_drafter("eagle", q8, draft_path=path, device="cpu", lookup_branch=3),
-                      SP.LookupBranchDrafter)
+    # int8 gets them (its 8-row verify measured cheap enough); lookup_branch=0 still turns them off
+    assert type(SP.build_drafter("eagle", q8, draft_path=path, device="cpu")) is SP.LookupBranchDrafter
+    assert isinstance(SP.build_drafter("eagle", q8, draft_path=path, device="cpu", lookup_branch=0), E.EagleDrafter)
     # int4 gets them where it runs eaglet's kernel (cheap 8-row matmuls), not on aten's
     q4 = quantize.quantize_module(copy.deepcopy(half), "int4", 32)
     on_kernel = any(getattr(m, "packed_for", None) == "eaglet-cpu" for m in q4.modules())
     assert on_kernel == cpu_kernels.int4_available()
     assert type(SP.build_drafter("eagle", q4, draft_path=path, device="cpu")) is (
         SP.LookupBranchDrafter if on_kernel else E.EagleDrafter)
+    with unittest.mock.patch.object(cpu_kernels, "int4_available", lambda: False):
+        q4a = quantize.quantize_module(copy.deepcopy(half), "int4", 32)
+    assert {m.packed_for for m in q4a.modules() if hasattr(m, "packed_for")} == {"cpu"}
+    assert type(SP.build_drafter("eagle", q4a, draft_path=path, device="cpu")) is E.EagleDrafter
 
 
 def test_stops_eos_max_tokens_and_cache_end(target, trained):
