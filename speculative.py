@@ -786,8 +786,9 @@ def default_lookup_branch(target, device) -> int:
     from generate import linear_kind
     if torch.device(device).type == "cpu":
         kind = linear_kind(target)
-        # int4 linears (the only ones with packed_for) not on eaglet's kernel
-        if (kind == "quant" and any(getattr(m, "packed_for", "eaglet-cpu") != "eaglet-cpu" for m in target.modules())
+        from quantize import WeightOnlyInt4Linear
+        if (kind == "quant" and any(isinstance(m, WeightOnlyInt4Linear) and m.packed_for != "eaglet-cpu"
+                                    for m in target.modules())
                 or kind == "half" and cpu_has_amx()):
             return 0
     return LOOKUP_BRANCH

@@ -602,8 +602,8 @@ def test_measure_verify_cost_interleaves_sizes(target, monkeypatch):
         calls.append(tokens.shape[0])
         return SP.target_tree_forward(tg, tokens, *rest)
 
-    cost = SP.measure_verify_cost(t, (1, 3), reps=2, forward=fwd, progress=ready.append)
-    assert calls == [1, 3, 1, 3, 1, 3] and ready == [1, 3] and sorted(cost) == [1, 3]
+    cost = SP.measure_verify_cost(t, (1, 3), reps=2, forward=fwd, progress=lambda n: ready.append((n, len(calls))))
+    assert calls == [1, 3, 1, 3, 1, 3] and ready == [(1, 1), (3, 2)] and sorted(cost) == [1, 3]
     import generate as G
     seen = []
     monkeypatch.setattr(G, "compile_step", lambda fn, model, device, template=None: seen.append(template))
