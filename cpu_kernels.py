@@ -1,8 +1,9 @@
-"""The two C++ CPU kernels, built on first use: `torch.ops.eaglet.few_rows_attention` (attention_cpu.cpp, the
-compiled decode / verify attention of model.Attention) and `torch.ops.eaglet.int4_mm` (int4_cpu.cpp, the
-matmul of quantize.WeightOnlyInt4Linear on CPUs with AVX512-BF16).
+"""The C++ CPU kernels, built on first use: `torch.ops.eaglet.few_rows_attention` (attention_cpu.cpp, the
+compiled decode / verify attention of model.Attention), `torch.ops.eaglet.int4_mm` (int4_cpu.cpp, the matmul
+of quantize.WeightOnlyInt4Linear) and `torch.ops.eaglet.int8_mm` (int8_cpu.cpp, quantize.WeightOnlyInt8Linear's
+matmul of several bf16 rows, for speculative decoding); the two matmuls need AVX512-BF16.
 
-Both are plain C++ with AVX-512 intrinsics, compiled by `torch.utils.cpp_extension.load` into one library
+All are plain C++ with AVX-512 intrinsics, compiled by `torch.utils.cpp_extension.load` into one library
 under torch's extensions directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once per
 source and flags (about a minute the first time). Where the CPU lacks AVX-512 or the build fails (one line on
 stderr says so), callers keep their PyTorch / aten formulation, which computes the same thing.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-SOURCES = ("attention_cpu.cpp", "int4_cpu.cpp")
+SOURCES = ("attention_cpu.cpp", "int4_cpu.cpp", "int8_cpu.cpp")
 _loaded = None   # None: not tried yet; False: unavailable; True: the ops are registered
 
 
@@ -47,7 +48,7 @@ def load() -> bool:
               is_python_module=False)
     except Exception as e:   # no compiler, no ninja, a toolchain without these flags: keep the PyTorch path
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"eaglet: the C++ CPU kernels did not build ({why}); attention and int4 matmuls stay in "
+        print(f"eaglet: the C++ CPU kernels did not build ({why}); attention and int8/int4 matmuls stay in "
               "PyTorch / aten (slower)", file=sys.stderr)
         return False
 
@@ -59,6 +60,10 @@ def load() -> bool:
     @torch.library.register_fake("eaglet::int4_mm")
     def _(x, codes, sz, groupsize):
         return x.new_empty(x.shape[0], codes.shape[0] * 16)
+
+    @torch.library.register_fake("eaglet::int8_mm")
+    def _(x, w, scales):
+        return x.new_empty(x.shape[0], w.shape[0] * 16)
 
     _loaded = True
     return True
@@ -75,5 +80,10 @@ def _built_before(name: str) -> bool:
 
 
 def int4_available() -> bool:
-    """True when int4_mm runs here: the kernels loaded and the CPU has AVX512-BF16 (vdpbf16ps)."""
+    """True when int4_mm and int8_mm run here: the kernels loaded and the CPU has AVX512-BF16 (vdpbf16ps)."""
     return torch.cpu._is_avx512_bf16_supported() and load()
+
+
+def int8_available() -> bool:
+    """True when int8_mm runs here (the same condition as int4_mm: it is the same vdpbf16ps loop)."""
+    return int4_available()

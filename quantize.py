@@ -188,8 +188,36 @@ def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return y.reshape(*lead, weight.shape[0])
 
 
+def pack_int8_for_eaglet_cpu(q: Tensor, scales: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """int8 codes [N, K] and scales [N] → the layout of int8_cpu.cpp: codes [N/16, K/2, 32] (bytes 2l, 2l+1
+    of block b and pair j are row 16b+l's columns 2j, 2j+1) and bf16 scales [N], N padded to a multiple of
+    16 with zero rows. None where that kernel does not run (no AVX512-BF16, not on a CPU) or K is odd."""
+    n, k = q.shape
+    if k % 2 or q.device.type != "cpu" or not cpu_kernels.int8_available():
+        return None
+    n_pad = -(-n // 16) * 16
+    if n_pad != n:
+        q, scales = F.pad(q, (0, 0, 0, n_pad - n)), F.pad(scales, (0, n_pad - n))
+    packed = q.reshape(n_pad // 16, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(n_pad // 16, k // 2, 32)
+    return packed.contiguous(), scales.to(torch.bfloat16).contiguous()
+
+
 class WeightOnlyInt8Linear(nn.Module):
-    """y = x @ (q * scales).T + bias with q int8 per output channel; scales in the activation dtype."""
+    """y = x @ (q * scales).T + bias with q int8 per output channel; scales in the activation dtype.
+
+    One row of x (a decode step) runs aten's `_weight_int8pack_mm`, which Inductor's int8 GEMM template
+    replaces in compiled graphs. Several rows (a tree verify) run eaglet's `int8_mm` (int8_cpu.cpp) where
+    `pack_rows` has given the module a copy of the codes in that kernel's layout: speculative decoding asks
+    for it (pack_int8_rows), plain decoding does not pay the memory.
+
+    Why two kernels: the template computes in fp32 FMAs, one per weight and row, so its cost grows with the
+    rows; int8_mm takes two steps of k per vdpbf16ps. In the compiled SmolLM2 int8 forward over n tree tokens
+    (AMD EPYC, 2 cores, 2026-12-07, one process, medians of 20 interleaved calls) the template took 7.6 / 10.9
+    / 18.5 / 31.1 ms at n = 1 / 4 / 8 / 16 and int8_mm (from 2 rows) 7.7 / 11.4 / 13.5 / 23.3. At one row
+    int8_mm alone is as fast as the template (121 matmuls: 6.4 against 6.3 ms), but the whole forward on it
+    was 10-13% slower (11.1 against 10.0 ms, 9.0 against 8.0 in another run) for reasons not found, so decode
+    steps keep the template and its [N, K] codes, and the packed copy (as many bytes again) exists only where
+    a verify uses it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16,
                  device=None):
@@ -198,9 +226,26 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("packed", None, persistent=False)          # set by pack_rows
+        self.register_buffer("packed_scales", None, persistent=False)
+
+    def pack_rows(self) -> bool:
+        """Add the int8_cpu.cpp copy of the codes where that kernel runs: bf16 activations (the scales'
+        dtype, which loading casts to the model's) on a CPU with AVX512-BF16. True when it is there."""
+        if self.packed is None and self.scales.dtype == torch.bfloat16:
+            packed = pack_int8_for_eaglet_cpu(self.weight, self.scales)
+            if packed is not None:
+                self.packed, self.packed_scales = packed
+        return self.packed is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = int8_matmul(x, self.weight, self.scales)
+        lead = x.shape[:-1]
+        rows = math.prod(lead)
+        if self.packed is not None and rows >= 2 and x.dtype == torch.bfloat16:   # static per compiled graph
+            y = torch.ops.eaglet.int8_mm(x.reshape(rows, self.in_features), self.packed, self.packed_scales)
+            y = y[:, :self.out_features].reshape(*lead, self.out_features)
+        else:
+            y = int8_matmul(x, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
@@ -357,6 +402,12 @@ def _check_contents(model: nn.Module) -> None:
         if not scales.is_floating_point():
             raise UserError(f"{name} has integer scales: the checkpoint's recorded quantization does not match "
                             f"its weights; quantize the float checkpoint again")
+
+
+def pack_int8_rows(model: nn.Module) -> int:
+    """Give every WeightOnlyInt8Linear of `model` its multi-row copy (WeightOnlyInt8Linear.pack_rows) where the
+    kernel runs; returns how many have one. Speculative decoding calls this for its target and draft."""
+    return sum(m.pack_rows() for m in model.modules() if isinstance(m, WeightOnlyInt8Linear))
 
 
 def prepare_for_device(model: nn.Module, device) -> nn.Module:

@@ -952,6 +952,13 @@ def build_drafter(method: str, target, *, draft_path=None, draft_checkpoint=None
             d = LookupBranchDrafter(d, k=lookup_branch)
     else:
         raise UserError(f"unknown speculative method {method!r} (eagle, draft, lookup)")
+    if torch.device(device).type == "cpu":
+        # int8 matmuls of several rows (the verify; the draft's catch-up and frontier) on eaglet's kernel,
+        # from a packed copy of the codes that plain decoding does not hold (quantize.WeightOnlyInt8Linear)
+        import quantize
+        quantize.pack_int8_rows(target)
+        if method == "eagle":
+            quantize.pack_int8_rows(draft)
     if compile and isinstance(d, LookupBranchDrafter):
         d.small_step = compile_verify(target, d.eagle, device)
         # a half-precision target's larger verify takes the kernel its smaller one was timed to win with

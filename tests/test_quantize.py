@@ -1,6 +1,7 @@
 """quantize.py: kernels vs dequantized references, file round trips, GPTQ, clear errors."""
 import subprocess
 import sys
+import unittest.mock
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,53 @@ def test_int4_cpu_kernel_exact_up_to_fp32_rounding_and_row_independent():
                 assert err < tol, (n, k, gs, rows, dtype, err)
                 for r in (0, rows - 1):
                     assert torch.equal(torch.ops.eaglet.int4_mm(x[r:r + 1], codes, psz, gs), y[r:r + 1])
+
+
+@needs_int4_kernel
+def test_int8_cpu_kernel_exact_up_to_fp32_rounding_and_row_independent():
+    """int8_cpu.cpp: bf16 x times bf16 codes (exact) summed in fp32 and scaled once, so y matches the float64
+    dequantized product to bf16 output rounding at every row count it tiles differently (1, 2, 3-4, 5-8, 9-16,
+    more, remainders) and for output counts that are not a multiple of 16 (padded rows); a row's result is
+    bit-identical alone or with others."""
+    assert cpu_kernels.int8_available(), "the kernel must build on an AVX512-BF16 CPU with a compiler"
+    g = torch.Generator().manual_seed(0)
+    for (n, k) in ((960, 576), (576, 1536), (40, 96), (16, 2)):
+        q, s = quantize_int8(torch.randn(n, k, generator=g))
+        packed, ps = quantize.pack_int8_for_eaglet_cpu(q, s)
+        assert packed.shape == (-(-n // 16), k // 2, 32) and ps.shape == (packed.shape[0] * 16,)
+        ref_w = (q.double() * s.to(torch.bfloat16).double()[:, None])
+        for rows in (1, 2, 3, 4, 5, 8, 13, 16, 17, 40):
+            x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+            y = torch.ops.eaglet.int8_mm(x, packed, ps)
+            assert y.dtype == torch.bfloat16 and y.shape == (rows, packed.shape[0] * 16)
+            assert not y[:, n:].any()                                      # padded rows are zero
+            err = rel_err(y[:, :n].double(), x.double() @ ref_w.t())
+            assert err < 1e-2, (n, k, rows, err)
+            for r in (0, rows - 1):
+                assert torch.equal(torch.ops.eaglet.int8_mm(x[r:r + 1], packed, ps), y[r:r + 1])
+    assert quantize.pack_int8_for_eaglet_cpu(torch.zeros(16, 3, dtype=torch.int8), torch.ones(16)) is None  # odd K
+
+
+@needs_int4_kernel
+def test_int8_module_multirow_copy():
+    """pack_rows gives a bf16 module the kernel's copy: several rows run int8_mm, one row keeps aten's path
+    (what plain decoding compiles), both match the dequantized product; an fp32 module gets no copy."""
+    torch.manual_seed(3)
+    w, b = torch.randn(40, 96), torch.randn(40)
+    m, wd = int8_module(w, b, torch.bfloat16)
+    model = torch.nn.Sequential(m)
+    assert m.packed is None and quantize.pack_int8_rows(model) == 1 and m.packed is not None
+    assert "packed" not in m.state_dict() and m.state_dict()["weight"].shape == (40, 96)   # the file layout stays
+    calls = []
+    real = torch.ops.eaglet.int8_mm
+    with unittest.mock.patch.object(torch.ops.eaglet, "int8_mm", lambda *a: calls.append(a[0].shape) or real(*a)):
+        for rows in (1, 3, 9):
+            x = torch.randn(1, rows, 96).to(torch.bfloat16)
+            y = m(x)
+            assert y.shape == (1, rows, 40) and rel_err(y, x.float() @ wd.t() + b) < 2e-2
+    assert calls == [(3, 96), (9, 96)]                                    # the one row went to aten
+    m32, _ = int8_module(w, b, torch.float32)
+    assert quantize.pack_int8_rows(torch.nn.Sequential(m32)) == 0 and m32.packed is None
 
 
 def test_int4_unprepared_module_refuses():
