@@ -148,15 +148,17 @@ def load_model(path, device="cpu", dtype=torch.bfloat16) -> Transformer:
 def model_bytes(model: torch.nn.Module, per_step: bool = True) -> int:
     """Bytes of weights one decode step reads (each parameter/buffer once; tied weights counted once). The
     embedding table counts only where it is also the output layer: a step gathers one row of it, while a
-    quantized head (tied or not) is a copy of its own and is read whole. per_step=False: every weight
-    byte held (what a file or the memory holds)."""
+    quantized head (tied or not) is a copy of its own and is read whole. The multi-row copies of int8 codes
+    that speculative decoding adds (quantize.WeightOnlyInt8Linear.packed) are not read by a decode step.
+    per_step=False: every weight byte held (what a file or the memory holds)."""
     seen, total = set(), 0
     emb = getattr(model, "tok_embeddings", None)
     out = getattr(getattr(model, "output", None), "weight", None)
     if per_step and emb is not None and (out is None or out.data_ptr() != emb.weight.data_ptr()):
         seen.add(emb.weight.data_ptr())
     for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "cache" not in n
-                                          and "rope" not in n and "mask" not in n]:
+                                          and "rope" not in n and "mask" not in n
+                                          and not (per_step and n.rsplit(".", 1)[-1].startswith("packed"))]:
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

@@ -325,3 +325,10 @@ def test_model_bytes_counts_what_a_step_reads():
     head = tied.output.weight.numel() + tied.output.scales.numel() * tied.output.scales.element_size()
     assert model_bytes(tied, per_step=False) - model_bytes(tied) == tied.tok_embeddings.weight.numel() * 4
     assert model_bytes(tied) > head
+    # the multi-row copies speculative decoding adds are held but not read by a decode step
+    import cpu_kernels
+    tied.to(torch.bfloat16)                       # the copies are for bf16 activations
+    step, held = model_bytes(tied), model_bytes(tied, per_step=False)
+    packed = quantize.pack_int8_rows(tied)
+    assert (packed > 0) == cpu_kernels.int8_available()
+    assert model_bytes(tied) == step and (model_bytes(tied, per_step=False) > held) == (packed > 0)
