@@ -205,8 +205,8 @@ def pack_int8_for_eaglet_cpu(q: Tensor, scales: Tensor) -> Optional[tuple[Tensor
 class WeightOnlyInt8Linear(nn.Module):
     """y = x @ (q * scales).T + bias with q int8 per output channel; scales in the activation dtype.
 
-    One row of x (a decode step) runs aten's `_weight_int8pack_mm`, which Inductor's int8 GEMM template
-    replaces in compiled graphs. Several rows (a tree verify) run eaglet's `int8_mm` (int8_cpu.cpp) where
+    On a CPU, one row of x (a decode step) runs aten's `_weight_int8pack_mm`, which Inductor's int8 GEMM
+    template replaces in compiled graphs. Several rows (a tree verify) run eaglet's `int8_mm` (int8_cpu.cpp) where
     `pack_rows` has given the module a copy of the codes in that kernel's layout: speculative decoding asks
     for it (pack_int8_rows), plain decoding does not pay the memory.
 
