@@ -10,8 +10,9 @@
 // against 39-42 for the compiled PyTorch version (model.few_rows_attention), 12 rows 62-72 against 132-150,
 // 24 rows 94-98 against 211-277. One call alone on a cache already in L2: 8.9 / 22 / 41 us.
 //
-// Inputs: q [B, H, R, D], k and v [B, H, W, D] (any strides, last dim contiguous), mask [B or 1, 1, Rm, W]
-// bool where row r of q uses mask row r % Rm (GQA: the query heads sharing a kv head are stacked as rows).
+// Inputs: q [B, H, R, D], k and v [B, H, S >= W, D] (any strides, last dim contiguous; only the first W slots
+// are read, so the model passes its whole cache), mask [B or 1, 1, Rm, W] bool where row r of q uses mask row
+// r % Rm (GQA: the query heads sharing a kv head are stacked as rows).
 // Scores and softmax in fp32; D a multiple of 16 up to 128.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -154,7 +155,7 @@ template <typename T, int DV>
 static void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                    at::Tensor& out) {
   constexpr int D = DV * 16;
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), W = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), W = mask.size(3);
   const float scale = 1.0f / std::sqrt((float)D);
   // Slots are split into C chunks (merged flash-decoding style) when the heads alone would leave a thread idle.
   // C depends on the shapes and thread count only, never on the rows, so a row's result does not depend on
@@ -222,7 +223,7 @@ at::Tensor few_rows_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tens
   TORCH_CHECK(D % 16 == 0 && D <= 128, "few_rows_attention: head_dim a multiple of 16 up to 128, got ", D);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == D,
               "few_rows_attention: k, v must be [B, H, W, D] like q");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(1) == 1 && mask.size(3) == k.size(2) &&
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(1) == 1 && mask.size(3) <= k.size(2) &&
               (mask.size(0) == 1 || mask.size(0) == q.size(0)) && q.size(2) % mask.size(2) == 0,
               "few_rows_attention: mask must be bool [B or 1, 1, Rm, W] with Rm dividing the rows");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),

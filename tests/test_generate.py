@@ -429,6 +429,10 @@ def test_cpu_attention_kernel_matches_sdpa():
                     assert out.dtype == dtype and out.shape == q.shape
                     err = (out.float() - ref).abs().max().item()
                     assert err < tol, (dtype, D, B, H, R, W, Rm, err)
+                    # a whole cache wider than the mask: only the mask's W slots are read (model passes the
+                    # cache unsliced to save the compiled step two views per layer)
+                    wide_k, wide_v = (torch.cat([t, torch.full_like(t[:, :, :5], 1e4)], 2) for t in (k, v))
+                    assert torch.equal(op(q, wide_k, wide_v, mask), out)
     finally:
         torch.set_num_threads(threads)
 
@@ -472,6 +476,28 @@ def test_compiled_forward_attention_with_and_without_the_kernel(tiny_ckpt, monke
     torch._dynamo.reset()
     assert ("eaglet.few_rows_attention" in "\n".join(codes)) is kernel
     torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_rope_is_the_eager_rope_without_a_concatenation(dtype):
+    """Compiled, apply_rope rotates by a roll and a sign instead of chunk + cat: Inductor writes a cat into one
+    buffer through two aliased halves, and each alias is a Python call in the compiled step's wrapper (4 a
+    layer, 120 a SmolLM2 decode step). The values must be bit-identical to the compiled chunk + cat (HF's
+    rotate_half), in every dtype, so that the change is invisible to every compiled forward."""
+    from torch._inductor.utils import run_and_get_code
+    import model as M
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 5, 64, generator=g).to(dtype)
+    cos, sin = (t[:5][None, None].to(dtype) for t in M.rope_cache(M.ModelArgs(head_dim=64, rope_base=1e4), 5))
+    torch._dynamo.reset()
+    out, codes = run_and_get_code(torch.compile(M.apply_rope, fullgraph=True), x, cos, sin)
+    cat = torch.compile(lambda x, cos, sin: x * cos + M.rotate_half(x) * sin, fullgraph=True)(x, cos, sin)
+    torch._dynamo.reset()
+    assert torch.equal(out, cat)
+    # against eager: compiled rounds once where eager rounds each op (bf16: an ulp here and there)
+    tol = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(out, M.apply_rope(x, cos, sin), **tol)
+    assert "reinterpret_tensor(" not in "\n".join(codes)
 
 
 def test_realized_query_is_computed_once_not_per_cache_slot():
