@@ -480,7 +480,7 @@ def test_compiled_forward_attention_with_and_without_the_kernel(tiny_ckpt, monke
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_rope_is_the_eager_rope_without_a_concatenation(dtype):
-    """Compiled, apply_rope rotates by a roll and a sign instead of chunk + cat: Inductor writes a cat into one
+    """Compiled, rotate_half rotates by a roll and a sign instead of chunk + cat: Inductor writes a cat into one
     buffer through two aliased halves, and each alias is a Python call in the compiled step's wrapper (4 a
     layer, 120 a SmolLM2 decode step). The values must be bit-identical to the compiled chunk + cat (HF's
     rotate_half), in every dtype, so that the change is invisible to every compiled forward."""
@@ -491,7 +491,8 @@ def test_compiled_rope_is_the_eager_rope_without_a_concatenation(dtype):
     cos, sin = (t[:5][None, None].to(dtype) for t in M.rope_cache(M.ModelArgs(head_dim=64, rope_base=1e4), 5))
     torch._dynamo.reset()
     out, codes = run_and_get_code(torch.compile(M.apply_rope, fullgraph=True), x, cos, sin)
-    cat = torch.compile(lambda x, cos, sin: x * cos + M.rotate_half(x) * sin, fullgraph=True)(x, cos, sin)
+    hf = lambda x, cos, sin: x * cos + torch.cat((-x[..., 32:], x[..., :32]), dim=-1) * sin  # HF's rotate_half
+    cat = torch.compile(hf, fullgraph=True)(x, cos, sin)
     torch._dynamo.reset()
     assert torch.equal(out, cat)
     # against eager: compiled rounds once where eager rounds each op (bf16: an ulp here and there)
