@@ -241,7 +241,9 @@ def results_markdown(results: dict) -> str:
            f"{results['config']['max_new_tokens']} new tokens)", "",
            f"`{results['command']}`", "",
            f"Machine: {machine_line(m)}. Measured read bandwidth {roof['bandwidth_gb_s']:.1f} GB/s "
-           f"→ roofline " + ", ".join(f"{p} {t:.0f} tok/s" for p, t in roof["tok_s"].items()) + ".", "",
+           f"→ roofline " + ", ".join(f"{p} {t:.0f} tok/s" for p, t in roof["tok_s"].items()) + "." +
+           (f" After the warm-up {roof['huge_pages_bytes'] / 2**20:.0f} MiB of tensors (weights, prepacked copies, "
+            "caches) moved onto 2 MiB pages." if roof.get("huge_pages_bytes") else ""), "",
            *(f"{line}\n" for line in [random_model_note(results)] if line),
            markdown_table(results["summary"]),
            "tok/s = decode tokens per second (aggregate: all decode tokens / all decode time; median over prompts). "
@@ -354,8 +356,9 @@ def measure_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 10, buf
 def _probe_buffer(nbytes: int, device: str) -> torch.Tensor:
     """nbytes of fp32 ones. On a Linux CPU the buffer is 2 MiB-aligned and advised into transparent huge
     pages before it is touched, so the probe reads as fast as any buffer can and the roofline errs high, never
-    low. On an AMD EPYC (2026-12-07) huge pages read 33.5 GB/s where 4 KiB pages read 28 in one measurement and
-    the same in others (57-63 GB/s both); decoding was equally fast with its weights in either kind of page.
+    low. On an AMD EPYC VM (2026-12-08, interleaved in one process) a sum read 1.25x as fast (median) from huge
+    pages as from 4 KiB pages when the memory was fast and 1.07x when it was slow; the tensors get the same
+    treatment after the warm-up (generate.huge_pages).
     Elsewhere (or if madvise is missing) it is an ordinary tensor."""
     if device != "cpu":
         return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
@@ -892,6 +895,9 @@ def main(argv=None):
                 for fn in runners.values():
                     fn(ids, temp, min(args.max_new_tokens, 32))
 
+    # After the warm-up, so that the compiled steps' prepacked weights exist: every engine of the process (the
+    # peers' weights too) then reads its weights through 2 MiB pages, as the bandwidth probe does.
+    huge = G.huge_pages(G.large_cpu_tensors()) if device == "cpu" else 0
     # After the warm-up, so drafters' caches (allocated on first use) count as resident, not transient.
     resident = {p: {**ours.resident_bytes(), **peer_bytes.get(p, {})} for p, (ours, _) in engines.items()}
     records, peak, probes = [], PeakMemory(device), []
@@ -934,7 +940,7 @@ def main(argv=None):
     del probe
     bandwidth = max(samples + probes)
     roofline = {"bandwidth_gb_s": bandwidth, "bandwidth_samples_gb_s": samples, "prompt_probes_gb_s": probes,
-                "model_bytes": model_bytes_of,
+                "model_bytes": model_bytes_of, "huge_pages_bytes": huge,
                 "tok_s": {p: bandwidth * 1e9 / b for p, b in model_bytes_of.items()}}
     summary = summarize(records, model_bytes_of, roofline)
     if args.random_model:

@@ -584,3 +584,96 @@ def test_skipped_guards_pick_the_entry_of_each_temperature(tiny_ckpt, monkeypatc
         generate.use_eager()
     assert skipped == checked
     assert skipped[0] != skipped[1] and skipped[3] != skipped[4]   # the settings do lead to different text
+
+
+def _resident_bytes(t: torch.Tensor) -> int:
+    """Bytes of tensor t's pages that are in memory (mincore)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo = t.data_ptr() // page * page
+    n = -(-(t.data_ptr() + t.numel() * t.element_size() - lo) // page)
+    vec = ctypes.create_string_buffer(n)
+    assert libc.mincore(lo, n * page, vec) == 0
+    return sum(b & 1 for b in vec.raw) * page
+
+
+def _pages_of(t: torch.Tensor) -> dict:
+    """Rss and AnonHugePages (bytes) of the mappings that hold tensor t, from /proc/self/smaps (a mapping can
+    be larger than t: the kernel merges neighbouring anonymous mappings)."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    got, inside = {"Rss:": 0, "AnonHugePages:": 0}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                a, b = (int(v, 16) for v in head[0].split("-"))
+                inside = a < hi and lo < b
+            elif inside and head[0] in got:
+                got[head[0]] += int(head[1]) * 1024
+    return got
+
+
+def _needs_madv_collapse():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("MADV_COLLAPSE is Linux's")
+    if tuple(int(v) for v in os.uname().release.split("-")[0].split(".")[:2]) < (6, 1):
+        pytest.skip("MADV_COLLAPSE needs Linux 6.1")
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        if "[always]" in f.read():
+            pytest.skip("THP is 'always' here: fresh tensors are on huge pages already")
+
+
+def _touched(n: int) -> torch.Tensor:
+    return (torch.arange(n, dtype=torch.int32) % 251).to(torch.uint8)
+
+
+def test_huge_pages_moves_resident_memory_onto_2mib_pages_and_leaves_the_rest():
+    _needs_madv_collapse()
+    # 48 MiB: above glibc's largest mmap threshold (32 MiB), so each tensor is memory of its own
+    weights = _touched(48 << 20)
+    expected = weights.clone()
+    untouched = torch.empty(64 << 20, dtype=torch.uint8)     # reserved, never written: must not grow
+    before = _pages_of(weights)
+    moved = generate.huge_pages()
+    after = _pages_of(weights)
+    assert moved >= 44 << 20 and after["AnonHugePages:"] >= 44 << 20, (moved, before, after)  # all but the ends
+    assert torch.equal(weights, expected)                  # the same bytes, on other pages
+    assert _resident_bytes(untouched) < 4 << 20            # not faulted in
+    assert generate.huge_pages() < 4 << 20                 # what moved stays moved: a second call has ~nothing to do
+
+
+def test_huge_pages_of_given_tensors_moves_only_theirs():
+    _needs_madv_collapse()
+    a, b = _touched(48 << 20), _touched(48 << 20)
+    moved_a = generate.huge_pages([a[1000:]])              # a view: its whole storage moves
+    assert 44 << 20 <= moved_a <= 52 << 20, moved_a       # a's blocks (and at most its neighbours' ends), not b's
+    moved_b = generate.huge_pages([b])
+    assert 44 << 20 <= moved_b <= 52 << 20, moved_b
+
+
+def test_large_cpu_tensors_finds_tensors_no_module_holds():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    hidden = {"constants": [torch.ones(1 << 20)]}          # as a compiled graph holds its prepacked weights
+    small = torch.ones(16)
+    with FakeTensorMode():
+        fake = torch.empty(1 << 20)                        # no memory: must be skipped, not raise
+    meta = torch.empty(1 << 20, device="meta")
+    found = {t.data_ptr() for t in generate.large_cpu_tensors()}
+    assert hidden["constants"][0].data_ptr() in found
+    assert small.data_ptr() not in found
+    del fake, meta
+
+
+def test_huge_pages_flag(tiny_ckpt):
+    parse = generate.build_parser().parse_args
+    bf16 = load_model(tiny_ckpt[0], "cpu", torch.bfloat16)
+    fp32 = load_model(tiny_ckpt[0], "cpu", torch.float32)
+    assert not generate.wants_huge_pages(parse([]), bf16)                        # 200 tokens: not worth ~1 s
+    assert generate.wants_huge_pages(parse(["--max-new-tokens", "2048"]), bf16)
+    assert generate.wants_huge_pages(parse(["--num-samples", "11"]), bf16)      # 11 x 200 tokens
+    assert generate.wants_huge_pages(parse(["--interactive"]), bf16)
+    assert not generate.wants_huge_pages(parse(["--interactive"]), fp32)        # gains too little for the cost
+    assert generate.wants_huge_pages(parse(["--huge-pages", "on"]), fp32)
+    assert not generate.wants_huge_pages(parse(["--huge-pages", "off", "--interactive"]), bf16)
