@@ -625,16 +625,21 @@ def _needs_madv_collapse():
             pytest.skip("THP is 'always' here: fresh tensors are on huge pages already")
 
 
-def _touched(n: int) -> torch.Tensor:
-    return (torch.arange(n, dtype=torch.int32) % 251).to(torch.uint8)
+def _fresh(n: int, touch: bool = True) -> torch.Tensor:
+    """n bytes of a new private anonymous mapping of its own (not memory torch or glibc recycled, which may be
+    resident or on huge pages already), filled with a pattern if touch."""
+    import mmap
+    t = torch.frombuffer(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE), dtype=torch.uint8)   # t keeps the mapping
+    if touch:
+        t.copy_((torch.arange(n, dtype=torch.int32) % 251).to(torch.uint8))
+    return t
 
 
 def test_huge_pages_moves_resident_memory_onto_2mib_pages_and_leaves_the_rest():
     _needs_madv_collapse()
-    # 48 MiB: above glibc's largest mmap threshold (32 MiB), so each tensor is memory of its own
-    weights = _touched(48 << 20)
+    weights = _fresh(48 << 20)
     expected = weights.clone()
-    untouched = torch.empty(64 << 20, dtype=torch.uint8)     # reserved, never written: must not grow
+    untouched = _fresh(64 << 20, touch=False)              # reserved, never written: must not grow
     before = _pages_of(weights)
     moved = generate.huge_pages()
     after = _pages_of(weights)
@@ -646,7 +651,7 @@ def test_huge_pages_moves_resident_memory_onto_2mib_pages_and_leaves_the_rest():
 
 def test_huge_pages_of_given_tensors_moves_only_theirs():
     _needs_madv_collapse()
-    a, b = _touched(48 << 20), _touched(48 << 20)
+    a, b = _fresh(48 << 20), _fresh(48 << 20)
     moved_a = generate.huge_pages([a[1000:]])              # a view: its whole storage moves
     assert 44 << 20 <= moved_a <= 52 << 20, moved_a       # a's blocks (and at most its neighbours' ends), not b's
     moved_b = generate.huge_pages([b])
